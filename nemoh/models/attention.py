@@ -1,0 +1,97 @@
+"""Causal grouped-query attention without positional encoding, over an optional paged KV cache."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemoh.config import NemotronHConfig
+from nemoh.models.forward_context import ForwardContext
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: NemotronHConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        cache = ctx.kv_caches.get(self.layer_idx)
+        if cache is None:
+            out = self._attend_uncached(q, k, v, ctx)
+        else:
+            out = self._attend_cached(q, k, v, ctx, cache)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int) -> torch.Tensor:
+        """q: (B, q_len, H, D), k/v: (B, kv_len, KVH, D) with kv_len = context_len + q_len."""
+        q_len, kv_len = q.shape[1], k.shape[1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if q_len == 1:
+            mask, causal = None, False
+        elif context_len == 0:
+            mask, causal = None, True
+        else:
+            # query i sits at absolute position context_len + i and sees keys 0..context_len + i
+            rows = torch.arange(q_len, device=q.device)[:, None] + context_len
+            mask, causal = torch.arange(kv_len, device=q.device)[None, :] <= rows, False
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.transpose(1, 2)
+
+    def _attend_uncached(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        lens = ctx.query_lens
+        if len(set(lens)) == 1:
+            b, t = len(lens), lens[0]
+            return self._sdpa(q.view(b, t, *q.shape[1:]), k.view(b, t, *k.shape[1:]),
+                              v.view(b, t, *v.shape[1:]), 0).reshape(q.shape)
+        out = torch.empty_like(q)
+        for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
+            out[s:e] = self._sdpa(q[None, s:e], k[None, s:e], v[None, s:e], 0)[0]
+        return out
+
+    def _attend_cached(self, q, k, v, ctx: ForwardContext, cache) -> torch.Tensor:
+        k_cache, v_cache = cache
+        k_scale, v_scale = ctx.kv_scales.get(self.layer_idx, (1.0, 1.0))
+        quantized = k_cache.dtype in FP8_DTYPES
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        if quantized:
+            flat_k[ctx.slot_mapping] = (k.float() / k_scale).to(k_cache.dtype)
+            flat_v[ctx.slot_mapping] = (v.float() / v_scale).to(v_cache.dtype)
+        else:
+            flat_k[ctx.slot_mapping] = k.to(k_cache.dtype)
+            flat_v[ctx.slot_mapping] = v.to(v_cache.dtype)
+        bs = ctx.block_size
+        out = torch.empty_like(q)
+        for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
+            context_len = ctx.context_lens[i]
+            kv_len = context_len + (e - s)
+            blocks = ctx.block_tables[i][: (kv_len + bs - 1) // bs]
+            idx = torch.tensor(blocks, dtype=torch.long, device=q.device)
+            keys = k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+            values = v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+            if quantized:
+                keys = keys.to(q.dtype) * k_scale
+                values = values.to(q.dtype) * v_scale
+            else:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            out[s:e] = self._sdpa(q[None, s:e], keys[None], values[None], context_len)[0]
+        return out

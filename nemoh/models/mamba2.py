@@ -1,0 +1,157 @@
+"""The Mamba-2 mixer (REFERENCE §1), over an optional per-sequence state slot.
+
+Steps, numbered as in REFERENCE §1:
+1. in_proj -> z, xBC, dt          2. causal depthwise conv1d over xBC, SiLU, split into x, B, C
+3. dt = softplus(dt + dt_bias) clamped to time_step_limit; A = -exp(A_log)
+4. the SSD recurrence (nemoh.models.ssd) plus the D skip     5. gated grouped RMSNorm      6. out_proj
+
+Three ways through step 2-4, all the same math:
+- decode (one new token for a sequence that has state): batched across such sequences, one step;
+- a few new tokens with `ctx.save_intermediate_states` (speculative verification): step by step, keeping the
+  state after every position so the engine can roll back;
+- anything else (prefill chunks, full forward): the chunked SSD scan, starting from the slot's state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemoh.config import NemotronHConfig
+from nemoh.models.forward_context import ForwardContext
+from nemoh.models.norm import GatedGroupRMSNorm
+from nemoh.models.ssd import ssd_chunked, ssd_step, ssd_steps
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: NemotronHConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.d_inner = config.mamba_d_inner
+        self.conv_dim = config.mamba_conv_dim
+        self.conv_kernel = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.dt_min, self.dt_max = config.time_step_limit
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads,
+                                 bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
+                                bias=config.use_conv_bias, padding=config.conv_kernel - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedGroupRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _conv(self, xbc: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """xbc: (t, conv_dim) new inputs, prev: (conv_dim, k-1) last inputs before them.
+
+        Returns the activated conv output (t, conv_dim) and the padded input (conv_dim, k-1+t), whose last
+        k-1 columns are the new conv state.
+        """
+        padded = torch.cat([prev.to(xbc.dtype), xbc.t()], dim=1)
+        out = F.conv1d(padded[None], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)[0]
+        return F.silu(out.t()), padded
+
+    def _discretize(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        return dt.clamp(self.dt_min, self.dt_max)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """(..., conv_dim) -> x (..., h, p), B (..., g, n), C (..., g, n)."""
+        x, B, C = torch.split(xbc, [self.d_inner, self.n_groups * self.state_size,
+                                    self.n_groups * self.state_size], dim=-1)
+        lead = xbc.shape[:-1]
+        return (x.reshape(*lead, self.num_heads, self.head_dim),
+                B.reshape(*lead, self.n_groups, self.state_size),
+                C.reshape(*lead, self.n_groups, self.state_size))
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """hidden: (num_tokens, hidden) -> (num_tokens, hidden)."""
+        proj = self.in_proj(hidden)                                                             # 1.
+        z, xbc, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())                                                      # 3.
+        dt = self._discretize(dt)
+        cache = ctx.mamba_caches.get(self.layer_idx)
+        y = torch.empty(hidden.shape[0], self.num_heads, self.head_dim, dtype=torch.float32, device=hidden.device)
+        if cache is None:
+            self._forward_uncached(xbc, dt, A, ctx, y)
+        else:
+            self._forward_cached(xbc, dt, A, ctx, cache, y)
+        y = y.reshape(-1, self.d_inner)
+        y = self.norm(y, z)                                                                     # 5.
+        return self.out_proj(y.to(hidden.dtype))                                                # 6.
+
+    def _scan(self, xbc_act: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, state: torch.Tensor | None):
+        """Chunked scan of one or more equal-length sequences. xbc_act: (b, t, conv_dim), dt: (b, t, h)."""
+        x, B, C = self._split_xbc(xbc_act)
+        y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, state)                         # 4.
+        return y + self.D.float()[:, None] * x.float(), final
+
+    def _forward_uncached(self, xbc, dt, A, ctx: ForwardContext, y: torch.Tensor) -> None:
+        zero = xbc.new_zeros(self.conv_dim, self.conv_kernel - 1)
+        lens = ctx.query_lens
+        if len(set(lens)) == 1:
+            b, t = len(lens), lens[0]
+            acts = torch.stack([self._conv(xbc[i * t:(i + 1) * t], zero)[0] for i in range(b)])  # 2.
+            out, _ = self._scan(acts, dt.view(b, t, -1), A, None)
+            y.copy_(out.reshape(b * t, self.num_heads, self.head_dim))
+            return
+        for s, e in zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:]):
+            act, _ = self._conv(xbc[s:e], zero)
+            out, _ = self._scan(act[None], dt[None, s:e], A, None)
+            y[s:e] = out[0]
+
+    def _forward_cached(self, xbc, dt, A, ctx: ForwardContext, cache, y: torch.Tensor) -> None:
+        conv_cache, ssm_cache = cache
+        decode_seqs = []
+        for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
+            if e - s == 1 and ctx.context_lens[i] > 0 and not ctx.save_intermediate_states:
+                decode_seqs.append(i)
+            else:
+                self._run_sequence(i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+        if decode_seqs:
+            self._decode_batch(decode_seqs, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+
+    def _run_sequence(self, i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
+        slot = ctx.state_slots[i]
+        has_state = ctx.context_lens[i] > 0
+        conv_prev = conv_cache[slot] if has_state else conv_cache.new_zeros(conv_cache.shape[1:])
+        ssm_prev = ssm_cache[slot].float() if has_state else None
+        act, padded = self._conv(xbc[s:e], conv_prev)                                         # 2.
+        if ctx.save_intermediate_states:
+            x, B, C = self._split_xbc(act[None])
+            init = ssm_prev[None] if ssm_prev is not None else x.new_zeros(
+                1, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
+            out, states = ssd_steps(init, x, dt[None, s:e], A, B, C)                            # 4.
+            out = out + self.D.float()[:, None] * x.float()
+            final = states[0, -1]
+            # conv state after position j = the k-1 inputs ending at j
+            conv_states = padded.unfold(1, self.conv_kernel - 1, 1)[:, 1:].transpose(0, 1)
+            ctx.intermediate_states.setdefault(self.layer_idx, {})[i] = (
+                conv_states.to(conv_cache.dtype), states[0].to(ssm_cache.dtype))
+        else:
+            out, final = self._scan(act[None], dt[None, s:e], A, ssm_prev[None] if ssm_prev is not None else None)
+            final = final[0]
+        y[s:e] = out[0]
+        conv_cache[slot] = padded[:, -(self.conv_kernel - 1):].to(conv_cache.dtype)
+        ssm_cache[slot] = final.to(ssm_cache.dtype)
+
+    def _decode_batch(self, seqs, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
+        rows = torch.tensor([ctx.query_start_loc[i] for i in seqs], device=xbc.device)
+        slots = torch.tensor([ctx.state_slots[i] for i in seqs], device=xbc.device)
+        window = torch.cat([conv_cache[slots].to(xbc.dtype), xbc[rows][:, :, None]], dim=2)      # (b, c, k)
+        act = (window * self.conv1d.weight[:, 0]).sum(-1)                                       # 2.
+        if self.conv1d.bias is not None:
+            act = act + self.conv1d.bias
+        act = F.silu(act)
+        x, B, C = self._split_xbc(act)
+        out, state = ssd_step(ssm_cache[slots], x, dt[rows], A, B, C)                          # 4.
+        y[rows] = out + self.D.float()[:, None] * x.float()
+        conv_cache[slots] = window[:, :, 1:].to(conv_cache.dtype)
+        ssm_cache[slots] = state.to(ssm_cache.dtype)

@@ -1,0 +1,92 @@
+"""LatentMoE (REFERENCE §1): sigmoid router with group-limited top-k, relu2 experts in a latent width,
+and a shared expert on the original input."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemoh.config import NemotronHConfig
+from nemoh.models.mlp import MLP, relu2
+
+
+class TopKRouter(nn.Module):
+    """Router weights stay float32 whatever the model dtype: the choice of experts is sensitive to rounding."""
+
+    keep_fp32 = True
+
+    def __init__(self, config: NemotronHConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (num_tokens, hidden) -> (topk_weights (num_tokens, k) fp32, topk_ids (num_tokens, k))."""
+        logits = F.linear(x.float(), self.weight.float())                                     # 1.
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias.float()                               # 2.
+        if self.n_group > 1:
+            n = x.shape[0]
+            grouped = choice.view(n, self.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)                              # (n, n_group)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)
+        topk_ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, topk_ids)                                                   # 3.
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, topk_ids
+
+
+class LatentMoE(nn.Module):
+    def __init__(self, config: NemotronHConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = config.n_routed_experts
+        self.latent_size = config.moe_latent_size
+        expert_width = config.moe_latent_size or config.hidden_size
+        self.gate = TopKRouter(config)
+        self.experts = nn.ModuleList(
+            MLP(expert_width, config.moe_intermediate_size, bias=config.mlp_bias) for _ in range(self.num_experts))
+        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size,
+                                  bias=config.mlp_bias)
+        if self.latent_size is not None:
+            self.fc1_latent_proj = nn.Linear(config.hidden_size, self.latent_size, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(self.latent_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
+        weights, ids = self.gate(x)
+        u = self.fc1_latent_proj(x) if self.latent_size is not None else x                   # 4.
+        routed = self._run_experts(u, weights, ids)
+        if self.latent_size is not None:
+            routed = self.fc2_latent_proj(routed)
+        return routed + self.shared_experts(x)                                               # 5.
+
+    def _run_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Group the (token, expert) pairs by expert and run each chosen expert once on all its tokens."""
+        top_k = ids.shape[1]
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of_pair = order // top_k
+        pair_weights = weights.reshape(-1)[order]
+        out = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            tokens = token_of_pair[start:end]
+            expert = self.experts[expert_id]
+            h = expert.down_proj(relu2(expert.up_proj(u[tokens])))
+            out.index_add_(0, tokens, h.float() * pair_weights[start:end, None])
+            start = end
+        return out.to(u.dtype)

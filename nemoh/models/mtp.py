@@ -1,0 +1,64 @@
+"""The Multi-Token Prediction block (REFERENCE §1, MTP), as in Nemotron 3 Super ("*E").
+
+One step: h' = eh_proj(cat(enorm(embed(token)), hnorm(h))), then the block's layers (pre-norm residual each),
+then final_layernorm. The embedding and lm_head are the main model's. The step is applied repeatedly with
+the same weights: its output feeds the next step together with the token it predicted.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nemoh.config import NemotronHConfig
+from nemoh.models.forward_context import ForwardContext
+from nemoh.models.norm import RMSNorm
+
+
+def make_mixer(layer_type: str, config: NemotronHConfig, layer_idx: int) -> nn.Module:
+    from nemoh.models.attention import Attention
+    from nemoh.models.mamba2 import Mamba2Mixer
+    from nemoh.models.mlp import MLP
+    from nemoh.models.moe import LatentMoE
+
+    if layer_type == "mamba":
+        return Mamba2Mixer(config, layer_idx)
+    if layer_type == "attention":
+        return Attention(config, layer_idx)
+    if layer_type == "moe":
+        return LatentMoE(config, layer_idx)
+    return MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+
+
+class MTPLayer(nn.Module):
+    def __init__(self, config: NemotronHConfig, layer_type: str, cache_idx: int, is_first: bool, is_last: bool):
+        super().__init__()
+        self.layer_type = layer_type
+        eps = config.layer_norm_epsilon
+        if is_first:
+            self.enorm = RMSNorm(config.hidden_size, eps)
+            self.hnorm = RMSNorm(config.hidden_size, eps)
+            self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.norm = RMSNorm(config.hidden_size, eps)
+        self.mixer = make_mixer(layer_type, config, cache_idx)
+        if is_last:
+            self.final_layernorm = RMSNorm(config.hidden_size, eps)
+
+
+class MTPBlock(nn.Module):
+    def __init__(self, config: NemotronHConfig):
+        super().__init__()
+        if config.num_nextn_predict_layers != 1:
+            raise ValueError(f"config key 'num_nextn_predict_layers': nemoh supports exactly one MTP block "
+                             f"(applied repeatedly), got {config.num_nextn_predict_layers}")
+        types = config.mtp_layer_types
+        base = config.num_hidden_layers
+        self.layers = nn.ModuleList(
+            MTPLayer(config, t, base + j, is_first=j == 0, is_last=j == len(types) - 1) for j, t in enumerate(types))
+
+    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """token_embeds, hidden: (num_tokens, hidden) -> MTP hidden (num_tokens, hidden) after final_layernorm."""
+        first = self.layers[0]
+        x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))
+        for layer in self.layers:
+            x = x + layer.mixer(layer.norm(x), ctx)
+        return self.layers[-1].final_layernorm(x)

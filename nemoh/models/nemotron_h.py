@@ -1,0 +1,89 @@
+"""The NemotronH causal LM: embeddings -> hybrid layers (pre-norm residual) -> norm_f -> lm_head, plus MTP.
+
+Entry points:
+- `model(input_ids)`: input_ids (B, T) -> logits (B, T, vocab); a full causal forward with no cache.
+- `model.forward_hidden(input_ids, ctx)`: flat input_ids (num_tokens,) -> hidden after norm_f
+  (num_tokens, hidden), reading and writing the caches registered in `ctx` (the engine's path).
+- `model.compute_logits(hidden)`: (n, hidden) -> (n, vocab) float32.
+- `model.mtp_forward(input_ids, hidden, ctx)`: one MTP step per position (see nemoh.models.mtp).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nemoh.config import NemotronHConfig
+from nemoh.models.forward_context import ForwardContext
+from nemoh.models.mtp import MTPBlock, make_mixer
+from nemoh.models.norm import RMSNorm
+
+
+class Block(nn.Module):
+    def __init__(self, config: NemotronHConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = make_mixer(self.layer_type, config, layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.layer_type in ("mamba", "attention"):
+            return x + self.mixer(self.norm(x), ctx)
+        return x + self.mixer(self.norm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: NemotronHConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm_f(x)
+
+
+class NemotronHForCausalLM(nn.Module):
+    def __init__(self, config: NemotronHConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = MTPBlock(config) if config.has_mtp else None
+        # FP8 KV-cache scales found in the checkpoint (k_proj.k_scale / v_proj.v_scale), by layer index
+        self.kv_scales: dict[int, tuple[float, float]] = {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    def forward_hidden(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.backbone(input_ids, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def mtp_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.mtp is None:
+            raise RuntimeError("this checkpoint has no MTP block (num_nextn_predict_layers is 0)")
+        return self.mtp(self.backbone.embeddings(input_ids), hidden, ctx)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: (B, T) -> logits (B, T, vocab) float32, a full causal forward without cache."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        ctx = ForwardContext.for_full_forward(b, t)
+        hidden = self.forward_hidden(input_ids.reshape(-1).to(self.device), ctx)
+        return self.compute_logits(hidden).view(b, t, -1)

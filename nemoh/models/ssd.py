@@ -1,0 +1,105 @@
+"""The Mamba-2 state space recurrence in its two forms (REFERENCE §1, Mamba step 4).
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t (outer) B_t        y_t = h_t . C_t
+
+`ssd_chunked` evaluates it for a whole sequence by the chunked SSD algorithm (Dao & Gu 2024, §6): within a
+chunk the output is a masked (decay-weighted) C·Bᵀ product, between chunks only the state is carried, so
+memory is linear in the length and any length works (the last chunk is simply shorter). `ssd_step` is the
+one-token recurrence used for decode. All math runs in float32. The D skip term is added by the caller.
+
+Shapes: b batch, t time, h heads, p head dim, g groups (h/g heads share B and C), n state size.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _expand_groups(t: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
+    return t.repeat_interleave(num_heads // t.shape[dim], dim=dim)
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (b, t, h, p), dt: (b, t, h), A: (h,), B/C: (b, t, g, n), initial_state: (b, h, p, n) or None.
+
+    Returns y: (b, t, h, p) and the final state (b, h, p, n), both float32.
+    """
+    bsz, seqlen, num_heads, head_dim = x.shape
+    state_size = B.shape[-1]
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    state = (initial_state.float().clone() if initial_state is not None
+             else x.new_zeros(bsz, num_heads, head_dim, state_size))
+    ys = []
+    for start in range(0, seqlen, chunk_size):
+        end = min(start + chunk_size, seqlen)
+        length = end - start
+        xc, dtc, Bc, Cc = x[:, start:end], dt[:, start:end], B[:, start:end], C[:, start:end]
+        # 1. cumulative log-decay within the chunk
+        cum = torch.cumsum(dtc * A.float(), dim=1)                                  # (b, l, h)
+        # 2. decay from position s to position t (s <= t), masked above the diagonal before exp
+        cum_h = cum.transpose(1, 2)                                                 # (b, h, l)
+        segsum = cum_h[..., :, None] - cum_h[..., None, :]                          # (b, h, l, l)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        decay = torch.exp(segsum.masked_fill(~causal, float("-inf")))
+        # 3. intra-chunk output: (C_t . B_s) * decay(t, s) * dt_s * x_s, C·B computed per group
+        cb = _expand_groups(torch.einsum("btgn,bsgn->bgts", Cc, Bc), num_heads, 1)  # (b, h, l, l)
+        xdt = xc * dtc[..., None]                                                   # (b, l, h, p)
+        y = torch.einsum("bhts,bshp->bthp", cb * decay, xdt)
+        # 4. contribution of the state entering the chunk
+        Ch = _expand_groups(Cc, num_heads, 2)                                       # (b, l, h, n)
+        y = y + torch.einsum("bthn,bhpn->bthp", Ch, state) * torch.exp(cum)[..., None]
+        ys.append(y)
+        # 5. state leaving the chunk
+        Bh = _expand_groups(Bc, num_heads, 2)
+        to_end = torch.exp(cum[:, -1:] - cum)                                       # (b, l, h)
+        state = state * torch.exp(cum[:, -1])[..., None, None] + torch.einsum(
+            "bshn,bshp->bhpn", Bh * to_end[..., None], xdt)
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)
+    return y, state
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token. state: (b, h, p, n), x: (b, h, p), dt: (b, h), B/C: (b, g, n). Returns y (b, h, p), new state."""
+    num_heads = x.shape[1]
+    x, dt = x.float(), dt.float()
+    Bh = _expand_groups(B.float(), num_heads, 1)                                    # (b, h, n)
+    Ch = _expand_groups(C.float(), num_heads, 1)
+    decay = torch.exp(dt * A.float())                                               # (b, h)
+    state = state.float() * decay[..., None, None] + (x * dt[..., None])[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return y, state
+
+
+def ssd_steps(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few tokens one step at a time, keeping every intermediate state (speculative verification).
+
+    state: (b, h, p, n), x: (b, t, h, p), dt: (b, t, h), B/C: (b, t, g, n).
+    Returns y (b, t, h, p) and states (b, t, h, p, n): the state after each position.
+    """
+    ys, states = [], []
+    for i in range(x.shape[1]):
+        y, state = ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i])
+        ys.append(y)
+        states.append(state)
+    return torch.stack(ys, 1), torch.stack(states, 1)

@@ -1,0 +1,127 @@
+"""The cached entry points agree with the full forward: prefill + decode, chunked prefill, mixed batches,
+and the multi-token step with per-position states (what speculative decoding rolls back to)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nemoh
+from nemoh.models.forward_context import ForwardContext
+
+BLOCK = 4
+
+
+class Caches:
+    """A minimal stand-in for the engine's caches: contiguous blocks per sequence, one state slot each."""
+
+    def __init__(self, model, num_seqs: int, max_len: int):
+        cfg = model.config
+        self.blocks_per_seq = (max_len + BLOCK - 1) // BLOCK
+        nblocks = num_seqs * self.blocks_per_seq
+        self.kv = {i: (torch.zeros(nblocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim),
+                       torch.zeros(nblocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim))
+                   for i in cfg.attention_layer_ids + cfg.mtp_attention_layer_ids}
+        self.mamba = {i: (torch.zeros(num_seqs, cfg.mamba_conv_dim, cfg.conv_kernel - 1),
+                          torch.zeros(num_seqs, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size))
+                      for i in cfg.mamba_layer_ids}
+        self.lens = [0] * num_seqs
+
+    def table(self, seq: int) -> list[int]:
+        return list(range(seq * self.blocks_per_seq, (seq + 1) * self.blocks_per_seq))
+
+    def context(self, seqs: list[int], counts: list[int], save: bool = False) -> ForwardContext:
+        qsl, slots = [0], []
+        for s, n in zip(seqs, counts):
+            qsl.append(qsl[-1] + n)
+            table = self.table(s)
+            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(self.lens[s], self.lens[s] + n)]
+        return ForwardContext(query_start_loc=qsl, context_lens=[self.lens[s] for s in seqs], state_slots=seqs,
+                              block_tables=[self.table(s) for s in seqs],
+                              slot_mapping=torch.tensor(slots, dtype=torch.long), block_size=BLOCK,
+                              kv_caches=self.kv, mamba_caches=self.mamba, save_intermediate_states=save)
+
+    def run(self, model, tokens_per_seq: dict[int, list[int]], save: bool = False):
+        seqs = list(tokens_per_seq)
+        ctx = self.context(seqs, [len(tokens_per_seq[s]) for s in seqs], save)
+        ids = torch.tensor([t for s in seqs for t in tokens_per_seq[s]])
+        with torch.no_grad():
+            hidden = model.forward_hidden(ids, ctx)
+        for s in seqs:
+            self.lens[s] += len(tokens_per_seq[s])
+        out, start = {}, 0
+        for s in seqs:
+            n = len(tokens_per_seq[s])
+            out[s] = model.compute_logits(hidden[start:start + n])
+            start += n
+        return out, ctx
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return nemoh.load_model(tiny_checkpoint, dtype="float32")
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tokens(n, seed):
+    return torch.randint(3, 4096, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("prompt_len,steps", [(1, 6), (13, 8), (16, 3)])
+def test_prefill_then_decode_matches_full_forward(model, prompt_len, steps):
+    seq = tokens(prompt_len + steps, prompt_len)
+    full = model(torch.tensor([seq]))[0]
+    caches = Caches(model, 1, 64)
+    out, _ = caches.run(model, {0: seq[:prompt_len]})
+    assert rel(out[0], full[:prompt_len]) <= 1e-4
+    for i in range(prompt_len, prompt_len + steps):
+        out, _ = caches.run(model, {0: [seq[i]]})
+        assert rel(out[0][0], full[i]) <= 1e-4, f"decode step at position {i}"
+
+
+def test_chunked_prefill_and_mixed_batch_match_full_forward(model):
+    a, b, c = tokens(23, 1), tokens(17, 2), tokens(9, 3)
+    fulls = {i: model(torch.tensor([s]))[0] for i, s in enumerate((a, b, c))}
+    caches = Caches(model, 3, 64)
+    got = {0: [], 1: [], 2: []}
+    # step 1: chunks of two prompts; step 2: the rest of a, all of c, first decode-like token of b
+    plan = [{0: a[:10], 1: b[:16]}, {0: a[10:22], 1: b[16:17], 2: c[:5]}, {0: a[22:], 2: c[5:]}]
+    for step in plan:
+        out, _ = caches.run(model, step)
+        for s, logits in out.items():
+            got[s].append(logits)
+    for s in range(3):
+        assert rel(torch.cat(got[s]), fulls[s]) <= 1e-4, f"sequence {s}"
+
+
+def test_multi_token_step_matches_single_steps_and_records_states(model):
+    seq = tokens(20, 7)
+    one = Caches(model, 1, 64)
+    one.run(model, {0: seq[:15]})
+    single = [one.run(model, {0: [t]})[0][0][0] for t in seq[15:]]
+    single_states = {i: (c[0].clone(), s[0].clone()) for i, (c, s) in one.mamba.items()}
+
+    multi = Caches(model, 1, 64)
+    multi.run(model, {0: seq[:15]})
+    out, ctx = multi.run(model, {0: seq[15:]}, save=True)
+    assert rel(out[0], torch.stack(single)) <= 1e-4
+    for layer, (conv, ssm) in multi.mamba.items():
+        conv_states, ssm_states = ctx.intermediate_states[layer][0]
+        assert conv_states.shape[0] == ssm_states.shape[0] == 5
+        # the last recorded state is what was written to the slot, and equals the step-by-step state
+        assert torch.equal(conv_states[-1], conv[0]) and torch.equal(ssm_states[-1], ssm[0])
+        assert rel(ssm_states[-1], single_states[layer][1]) <= 1e-4
+        assert rel(conv_states[-1], single_states[layer][0]) <= 1e-4
+
+    # rolling back to position 2 of the 5 and decoding from there equals decoding from a fresh prefill
+    rolled = Caches(model, 1, 64)
+    rolled.run(model, {0: seq[:15]})
+    _, ctx = rolled.run(model, {0: seq[15:]}, save=True)
+    for layer, (conv, ssm) in rolled.mamba.items():
+        conv_states, ssm_states = ctx.intermediate_states[layer][0]
+        conv[0], ssm[0] = conv_states[2], ssm_states[2]
+    rolled.lens[0] = 18
+    after_rollback = rolled.run(model, {0: [seq[18]]})[0][0][0]
+    assert rel(after_rollback, single[3]) <= 1e-4
