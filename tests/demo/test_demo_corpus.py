@@ -1,0 +1,193 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nemoh.demo import corpus
+
+N = 300
+TOOLS = {t["function"]["name"]: t["function"]["parameters"] for t in corpus.load_tools()}
+TOOL_CALL_RE = re.compile(
+    r"<tool_call>\n<function=([a-z_]+)>\n((?:<parameter=[a-z_]+>\n.*?\n</parameter>\n)*)</function>\n</tool_call>",
+    re.S)
+PARAM_RE = re.compile(r"<parameter=([a-z_]+)>\n(.*?)\n</parameter>\n", re.S)
+
+
+@pytest.fixture(scope="module")
+def template():
+    return corpus.load_template()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return corpus.generate("train", N, 0)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return corpus.generate("heldout", N, 0)
+
+
+def validate(arguments: dict, schema: dict) -> None:
+    """The subset of JSON schema the demo tools use: object, required, types, enums, no extra keys."""
+    props = schema["properties"]
+    assert set(schema.get("required", [])) <= set(arguments), arguments
+    assert set(arguments) <= set(props), arguments
+    for key, value in arguments.items():
+        expected = {"string": str, "integer": int}[props[key]["type"]]
+        assert isinstance(value, expected) and not isinstance(value, bool), (key, value)
+        if "enum" in props[key]:
+            assert value in props[key]["enum"], (key, value)
+
+
+def test_same_seed_same_output(train):
+    again = corpus.generate("train", N, 0)
+    assert [e.to_dict() for e in again] == [e.to_dict() for e in train]
+    assert corpus.generate("train", 10, 0)[3].to_dict() == train[3].to_dict()  # prefix-stable
+    assert [e.to_dict() for e in corpus.generate("train", 20, 1)] != [e.to_dict() for e in train[:20]]
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="split"):
+        corpus.generate("test", 1, 0)
+    with pytest.raises(ValueError, match="n"):
+        corpus.generate("train", -1, 0)
+
+
+def test_tools_file_matches_shared_copies():
+    here = json.loads(corpus.TOOLS_PATH.read_text())
+    example_copy = Path(__file__).resolve().parents[2] / "examples" / "demo_tools.json"
+    assert json.loads(example_copy.read_text()) == here
+    assert sorted(TOOLS) == sorted(["lookup_user", "reset_password", "unlock_account", "create_ticket",
+                                    "get_ticket_status", "escalate_ticket", "search_kb"])
+
+
+@pytest.mark.parametrize("pool", ["FIRST_NAMES", "LAST_NAMES", "DOMAINS", "PRODUCTS", "ERRORS", "KB_TOPICS",
+                                  "REASONS", "COMPANIES"])
+def test_split_pools_are_disjoint(pool):
+    items = getattr(corpus, pool)
+    assert not set(corpus.pool(items, "train")) & set(corpus.pool(items, "heldout"))
+    assert corpus.pool(items, "heldout")
+
+
+def test_phrasings_are_disjoint():
+    for intent, phrases in corpus.PHRASES.items():
+        assert not set(corpus.pool(phrases, "train")) & set(corpus.pool(phrases, "heldout")), intent
+
+
+def test_heldout_names_never_appear_in_train(train, heldout):
+    held_domains = set(corpus.pool(corpus.DOMAINS, "heldout"))
+    held_last = set(corpus.pool(corpus.LAST_NAMES, "heldout"))
+    train_text = json.dumps([e.messages for e in train])
+    assert not any(d in train_text for d in held_domains)
+    assert not any(f" {n}\"" in train_text or f" {n}," in train_text for n in held_last)
+    held_text = json.dumps([e.messages for e in heldout])
+    assert any(d in held_text for d in held_domains)
+
+
+def test_every_turn_type_and_mode_occurs(train):
+    assert {e.turn_type for e in train} == set(corpus.TURN_WEIGHTS)
+    modes = {(e.template_kwargs["enable_thinking"], e.template_kwargs["low_effort"]) for e in train}
+    assert modes == {(True, False), (True, True), (False, False)}
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_expected_calls_validate_against_schema(split, train, heldout):
+    for e in (train if split == "train" else heldout):
+        last = e.messages[-1]
+        assert last["role"] == "assistant"
+        offered = {t["function"]["name"] for t in e.tools}
+        for m in e.messages:
+            for tc in m.get("tool_calls", []):
+                assert tc["type"] == "function" and tc["id"]
+                assert tc["function"]["name"] in offered
+                validate(json.loads(tc["function"]["arguments"]), TOOLS[tc["function"]["name"]])
+        if e.expected["type"] == "tool_call":
+            (tc,) = last["tool_calls"]
+            assert tc["function"]["name"] == e.expected["name"]
+            assert json.loads(tc["function"]["arguments"]) == e.expected["arguments"]
+            validate(e.expected["arguments"], TOOLS[e.expected["name"]])
+        else:
+            assert e.expected["kind"] in ("answer", "question") and "tool_calls" not in last
+            assert last["content"]
+            if e.expected["kind"] == "question":
+                assert "?" in last["content"]
+
+
+def test_arguments_are_copyable(train):
+    """Every string argument appears verbatim in an earlier user message or tool result, except the
+    ticket category, which is the issue's class (and priority, an integer mapped from urgency words)."""
+    for e in train:
+        for i, m in enumerate(e.messages):
+            for tc in m.get("tool_calls", []):
+                context = "\n".join(p["content"] for p in e.messages[:i] if p["role"] in ("user", "tool"))
+                for key, value in json.loads(tc["function"]["arguments"]).items():
+                    if isinstance(value, str) and key != "category":
+                        assert value in context, (key, value, context)
+
+
+def test_tool_results_answer_their_calls(train):
+    for e in train:
+        for i, m in enumerate(e.messages):
+            if m["role"] == "tool":
+                assert m["tool_call_id"] == e.messages[i - 1]["tool_calls"][-1]["id"]
+                json.loads(m["content"])
+        if e.turn_type == "two_tool":
+            looked_up = json.loads(e.messages[-2]["content"])["user_id"]
+            assert e.expected["arguments"] == {"user_id": looked_up}
+
+
+def test_thinking_modes(train):
+    for e in train:
+        for m in e.messages:
+            if m["role"] == "assistant":
+                if not e.template_kwargs["enable_thinking"]:
+                    assert "reasoning_content" not in m
+                else:
+                    assert 0 < len(m["reasoning_content"]) <= (60 if e.template_kwargs["low_effort"] else 200)
+
+
+def test_rendered_text_has_well_formed_tool_calls(train, template):
+    for e in train[:120]:
+        text = corpus.render(e, template)
+        text = text[text.index("<|im_end|>"):]  # the system turn holds a format example
+        calls = [tc for m in e.messages for tc in m.get("tool_calls", [])]
+        found = TOOL_CALL_RE.findall(text)
+        assert text.count("<tool_call>\n<function=") == len(calls) == len(found)
+        for (name, params), tc in zip(found, calls):
+            assert name == tc["function"]["name"]
+            args = json.loads(tc["function"]["arguments"])
+            rendered = dict(PARAM_RE.findall(params))
+            assert rendered == {k: v if isinstance(v, str) else json.dumps(v) for k, v in args.items()}
+        assert text.count("<tool_response>") == sum(m["role"] == "tool" for m in e.messages)
+
+
+def test_training_segments(train, template):
+    for e in train[:120]:
+        segments = corpus.training_segments(e, template)
+        text = "".join(s for s, _ in segments)
+        assert text == corpus.render(e, template)
+        targets = [s for s, is_target in segments if is_target]
+        assert targets and all(t.endswith("<|im_end|>") for t in targets)
+        assert not any("<|im_start|>" in t for t in targets)
+        # the prompt for the last turn is exactly the text before the last target
+        prompt = corpus.prompt_text(e, template)
+        last = max(i for i, (_, is_target) in enumerate(segments) if is_target)
+        assert "".join(s for s, _ in segments[:last]) == prompt
+        if e.expected["type"] == "tool_call":
+            assert f"<function={e.expected['name']}>" in targets[-1]
+
+
+def test_write_and_read_jsonl(tmp_path, train, template):
+    path = tmp_path / "c.jsonl"
+    corpus.write_jsonl(path, train[:5], template, with_segments=True)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [corpus.Example.from_dict(d).to_dict() for d in lines] == [e.to_dict() for e in train[:5]]
+    assert "".join(s for s, _ in lines[0]["segments"]) == corpus.render(train[0], template)
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "h.jsonl"
+    corpus.main(["--split", "heldout", "--n", "3", "--seed", "7", "--out", str(out)])
+    assert len(out.read_text().splitlines()) == 3
