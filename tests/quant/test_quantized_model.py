@@ -1,10 +1,8 @@
 """End to end: a checkpoint written by quantize_checkpoint, loaded by nemoh.load_model, gives the
 same logits as the dense model whose quantized Linear weights are replaced by their dequantisation.
 
-Needs the lead's loader; skipped until `nemoh.load_model` exists.
 """
 
-import importlib
 import json
 
 import pytest
@@ -17,8 +15,7 @@ from nemoh.quant.linear import FP8Linear, NVFP4Linear
 from nemoh.quant.nvfp4 import dequantize_nvfp4
 from nemoh.quant.quantize import quantize_checkpoint
 
-load_model = getattr(importlib.import_module("nemoh"), "load_model", None)
-pytestmark = pytest.mark.skipif(load_model is None, reason="nemoh.load_model is not available yet")
+from nemoh import load_model
 
 
 def _tensors(path):
@@ -75,3 +72,27 @@ def test_quantized_logits_match_dequantised_dense(tmp_path, fmt, calibrated, cls
         got, want = qmodel(ids), dense(ids)
     assert got.shape == want.shape == (2, 11, 256)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_loaded_nvfp4_model_stays_packed_in_memory(tmp_path):
+    """Resident bytes of the loaded model: quantized linears hold codes + scales only (<= 0.6 B/param),
+    nothing is upcast at load, and the whole model is smaller than its BF16 original."""
+    src = make_tiny_checkpoint(tmp_path / "src")
+    dst = tmp_path / "dst"
+    quantize_checkpoint(src, dst, fmt="nvfp4", progress=False)
+    qmodel = load_model(str(dst), dtype="bfloat16")
+    dense = load_model(str(src), dtype="bfloat16")
+
+    def resident(module):
+        tensors = {t.data_ptr(): t for t in list(module.parameters()) + list(module.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    packed = [m for m in qmodel.modules() if isinstance(m, NVFP4Linear)]
+    assert packed
+    for m in packed:
+        assert m.weight.dtype == torch.uint8 and m.weight_scale.dtype == torch.float8_e4m3fn
+        assert resident(m) / (m.in_features * m.out_features) <= 0.6
+    q_bytes, d_bytes = resident(qmodel), resident(dense)
+    params_quantized = sum(m.in_features * m.out_features for m in packed)
+    print(f"resident: NVFP4 model {q_bytes} B vs BF16 {d_bytes} B; {params_quantized} params packed")
+    assert d_bytes - q_bytes >= params_quantized * (2 - 0.6)
