@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nemoh
-from conftest import make_checkpoint
+from checkpoints import make_checkpoint
 from nemoh.loader import CheckpointError
 
 

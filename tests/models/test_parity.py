@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nemoh
-from conftest import make_checkpoint
+from checkpoints import make_checkpoint
 
 # Together these cover: all four layer types; latent and non-latent MoE; n_group > 1 with
 # topk_group < n_group; GQA ratios 1 and 4; lengths that are not a multiple of chunk_size; batch > 1.

@@ -1,0 +1,139 @@
+"""Evaluate the bundled demo model on held-out IT tickets, through the engine with the real template and parsers.
+
+Table 1 (as the model card's BF16 / FP8 / NVFP4 columns): on held-out examples whose next assistant turn
+is a tool call: rate of replies with a parseable tool call, rate choosing the right tool, rate with exactly
+the right arguments; on examples whose next turn needs no tool: rate of correct no-tool replies (no call,
+non-empty content). FP8 and NVFP4 copies are written with `nemoh quantize` into a temporary directory
+(FP8 calibrated on training-split text, NVFP4 weight-only).
+
+Table 2: MTP speculative decoding at k = 1, 2, 3 against no MTP: mean acceptance rate, tokens per verify
+step, and single-stream decode speed (one request at a time, greedy, same prompts), with the speed-up.
+
+Usage: python benchmarks/demo_eval.py [--model DIR] [--n 200] [--speed-n 16] [--formats bf16,fp8,nvfp4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nemoh import LLM, SamplingParams
+from nemoh.chat.output_parser import ChatOutputParser
+from nemoh.chat.template import ChatTemplate
+from nemoh.demo.corpus import generate, render
+from nemoh.quant.quantize import quantize_checkpoint
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "nemoh" / "demo" / "model"
+
+
+def prompts_for(examples, model_dir: Path) -> list[str]:
+    template = ChatTemplate.from_model_dir(model_dir)
+    return [template.render(ex.messages[:-1], tools=ex.tools, add_generation_prompt=True, **ex.template_kwargs)
+            for ex in examples]
+
+
+def score(examples, texts: list[str]) -> dict[str, float]:
+    tool_total = tool_parsed = tool_right = args_right = 0
+    none_total = none_right = 0
+    for ex, text in zip(examples, texts):
+        parser = ChatOutputParser("super_v3", "qwen3_coder", tools=ex.tools,
+                                  thinking_enabled=ex.template_kwargs.get("enable_thinking", True))
+        parsed = parser.parse(text)
+        if ex.expected["type"] == "tool_call":
+            tool_total += 1
+            if parsed.tool_calls:
+                tool_parsed += 1
+                call = parsed.tool_calls[0]
+                if call.name == ex.expected["name"]:
+                    tool_right += 1
+                    if json.loads(call.arguments) == ex.expected["arguments"]:
+                        args_right += 1
+        else:
+            none_total += 1
+            none_right += int(not parsed.tool_calls and bool((parsed.content or "").strip()))
+    pct = lambda a, b: 100.0 * a / b if b else float("nan")
+    return {"parseable call": pct(tool_parsed, tool_total), "right tool": pct(tool_right, tool_total),
+            "exact arguments": pct(args_right, tool_total), "correct no-tool": pct(none_right, none_total),
+            "n_tool": tool_total, "n_none": none_total}
+
+
+def run_accuracy(model_dir: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=32)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
+    outs = llm.generate(prompts, params)
+    return [o.outputs[0].text for o in outs]
+
+
+def run_speed(model_dir: Path, prompts: list[str], k: int, max_tokens: int) -> dict[str, float]:
+    spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=1, speculative_config=spec)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompts[:1], params)                        # warm-up, excluded
+    stats = llm.engine.spec_stats
+    stats.num_drafted = stats.num_accepted = stats.num_verifications = 0
+    decode_time, tokens = 0.0, 0
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    for p in prompts:
+        # decode speed excludes the prefill: time to the first token is measured separately and subtracted
+        start = time.perf_counter()
+        llm.generate([p], one)
+        first_token = time.perf_counter() - start
+        start = time.perf_counter()
+        out = llm.generate([p], params)[0]
+        decode_time += time.perf_counter() - start - first_token
+        tokens += len(out.outputs[0].token_ids) - 1
+    return {"tok/s": tokens / decode_time, "acceptance": stats.acceptance_rate,
+            "tokens/step": stats.mean_accepted_length}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEMO_DIR)
+    ap.add_argument("--n", type=int, default=200, help="held-out examples for the accuracy table")
+    ap.add_argument("--speed-n", type=int, default=12, help="prompts for the MTP speed table")
+    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--formats", default="bf16,fp8,nvfp4")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    examples = generate("heldout", args.n, seed=args.seed)
+    prompts = prompts_for(examples, args.model)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calib.txt"
+        calib.write_text("\n".join(render(ex).replace("\n", " ") for ex in generate("train", 16, seed=99)))
+        for fmt in formats:
+            path = args.model
+            if fmt != "bf16":
+                path = Path(tmp) / fmt
+                quantize_checkpoint(args.model, path, fmt=fmt, calib_file=calib if fmt == "fp8" else None,
+                                    progress=False)
+            start = time.perf_counter()
+            results[fmt] = score(examples, run_accuracy(path, prompts, args.max_tokens))
+            results[fmt]["seconds"] = time.perf_counter() - start
+    first = results[formats[0]]
+    print(f"\nHeld-out tickets: {first['n_tool']} needing a tool, {first['n_none']} needing none "
+          f"(greedy, max_tokens={args.max_tokens})")
+    print(f"{'metric':18}" + "".join(f"{f.upper():>10}" for f in formats))
+    for metric in ("parseable call", "right tool", "exact arguments", "correct no-tool"):
+        print(f"{metric:18}" + "".join(f"{results[f][metric]:9.1f}%" for f in formats))
+
+    speed_prompts = prompts_for(generate("heldout", args.speed_n, seed=args.seed + 1), args.model)
+    print(f"\nMTP speculative decoding, single stream, BF16, greedy, {args.speed_n} prompts x 64 tokens")
+    print(f"{'k':>3} {'acceptance':>11} {'tokens/step':>12} {'decode tok/s':>13} {'speed-up':>9}")
+    base = None
+    for k in (0, 1, 2, 3):
+        r = run_speed(args.model, speed_prompts, k, 64)
+        base = base or r["tok/s"]
+        acc = f"{r['acceptance']:.3f}" if k else "-"
+        steps = f"{r['tokens/step']:.2f}" if k else "1.00"
+        print(f"{k:>3} {acc:>11} {steps:>12} {r['tok/s']:13.1f} {r['tok/s'] / base:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""nemoh's engine against Hugging Face transformers on the same random NemotronH checkpoint, side by side.
+
+    python benchmarks/engine_vs_hf.py [--quick] [--threads 2] [--dir /tmp/nemoh-bench]
+
+The checkpoint (~70M parameters; every layer type, latent MoE with grouped routing) is written once with
+`transformers.NemotronHForCausalLM(config).save_pretrained`, random weights under a fixed seed. Each side
+runs in its own child process (so that peak RSS is its own), warm-up excluded, float32 on CPU, and reports:
+
+- single-stream decode tokens/s: (tokens(N) - tokens(1)) / (time(N) - time(1)) for one greedy request;
+- throughput for R concurrent requests (P-token prompts, G new tokens each), in generated tokens/s;
+  HF's best of a padded batch `generate` and sequential `generate` (sequential measured on a few requests
+  and scaled, since its rate per request is constant);
+- prefill tokens/s for one long prompt;
+- peak RSS of the process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CONFIG = dict(
+    vocab_size=16384, hidden_size=512, hybrid_override_pattern="MEM*EMEM-EMEM*EME",
+    num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=1536,
+    mamba_num_heads=16, mamba_head_dim=64, ssm_state_size=64, n_groups=2, conv_kernel=4, chunk_size=128,
+    n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=512, moe_shared_expert_intermediate_size=1024,
+    moe_latent_size=256, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+    eos_token_id=[2, 11], bos_token_id=1, pad_token_id=0, max_position_embeddings=8192,
+)
+SIZES = {"full": dict(decode=128, requests=32, prompt=128, gen=128, prefill=4096, hf_sequential=3),
+         "quick": dict(decode=32, requests=8, prompt=32, gen=32, prefill=1024, hf_sequential=2)}
+
+
+def build_checkpoint(path: str) -> None:
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(NemotronHConfig(**CONFIG))
+    model.save_pretrained(path)
+    print(f"wrote {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", file=sys.stderr)
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(12, vocab, (n, length), generator=g).tolist()
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ---- the two sides -------------------------------------------------------------------------------------
+def run_nemoh(path: str, s: dict) -> dict:
+    from nemoh import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32", max_model_len=s["prefill"] + 64, max_num_seqs=max(32, s["requests"]),
+              max_num_batched_tokens=max(2048, s["prefill"]), cache_memory_gb=2.0)
+    vocab = CONFIG["vocab_size"]
+    p1 = prompts(1, s["prompt"], vocab)
+
+    def gen(ps, n):
+        return llm.generate(ps, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+    gen(p1, 8)                                                    # warm-up
+    gen(prompts(4, s["prompt"], vocab), 4)
+    t1 = timed(lambda: gen(p1, 1))
+    tn = timed(lambda: gen(p1, s["decode"]))
+    batch = prompts(s["requests"], s["prompt"], vocab)
+    tb = timed(lambda: gen(batch, s["gen"]))
+    long = prompts(1, s["prefill"], vocab)
+    gen(prompts(1, 256, vocab), 1)
+    tp = timed(lambda: gen(long, 1))
+    return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=s["requests"] * s["gen"] / tb,
+                batch_how="continuous batching", prefill_tps=s["prefill"] / tp)
+
+
+def run_hf(path: str, s: dict) -> dict:
+    import torch
+    from transformers import NemotronHForCausalLM
+
+    model = NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    vocab = CONFIG["vocab_size"]
+
+    def gen(ids, n, mask=None):
+        with torch.inference_mode():
+            return model.generate(torch.tensor(ids), attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    p1 = prompts(1, s["prompt"], vocab)
+    gen(p1, 8)                                                    # warm-up
+    t1 = timed(lambda: gen(p1, 1))
+    tn = timed(lambda: gen(p1, s["decode"]))
+    batch = prompts(s["requests"], s["prompt"], vocab)
+    # equal-length prompts: the padded batch needs no padding, which is HF's best case
+    tb = timed(lambda: gen(batch, s["gen"], torch.ones(len(batch), s["prompt"], dtype=torch.long)))
+    padded_tps = s["requests"] * s["gen"] / tb
+    k = s["hf_sequential"]
+    ts = timed(lambda: [gen([p], s["gen"]) for p in batch[:k]])
+    sequential_tps = k * s["gen"] / ts
+    long = prompts(1, s["prefill"], vocab)
+    with torch.inference_mode():
+        model(torch.tensor(prompts(1, 256, vocab)))
+        tp = timed(lambda: model(torch.tensor(long), logits_to_keep=1))
+    best = max(padded_tps, sequential_tps)
+    how = (f"padded batch ({padded_tps:.0f}) vs sequential ({sequential_tps:.0f}, {k} reqs): "
+           f"{'padded' if padded_tps >= sequential_tps else 'sequential'}")
+    return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=best, batch_how=how, prefill_tps=s["prefill"] / tp)
+
+
+def child(side: str, path: str, size: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    s = SIZES[size]
+    result = run_nemoh(path, s) if side == "nemoh" else run_hf(path, s)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a couple of minutes)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nemoh-bench-ckpt"))
+    ap.add_argument("--side", choices=["nemoh", "hf"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    size = "quick" if args.quick else "full"
+    if args.side:
+        child(args.side, args.dir, size, args.threads)
+        return
+    build_checkpoint(args.dir)
+    results = {}
+    for side in ("nemoh", "hf"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--dir", args.dir,
+               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            sys.exit(f"{side} run failed:\n{proc.stderr[-4000:]}")
+        results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    s = SIZES[size]
+    n, h = results["nemoh"], results["hf"]
+    print(f"\nnemoh vs HF transformers {__import__('transformers').__version__}, float32, CPU, {args.threads} threads, "
+          f"random checkpoint: pattern {CONFIG['hybrid_override_pattern']}, hidden {CONFIG['hidden_size']}, "
+          f"vocab {CONFIG['vocab_size']}, {CONFIG['n_routed_experts']} experts top-{CONFIG['num_experts_per_tok']} "
+          f"latent {CONFIG['moe_latent_size']}")
+    rows = [
+        (f"single-stream decode (tok/s, {s['prompt']}-tok prompt)", "decode_tps"),
+        (f"{s['requests']} requests x {s['prompt']}+{s['gen']} tokens (gen tok/s)", "batch_tps"),
+        (f"prefill {s['prefill']}-token prompt (tok/s)", "prefill_tps"),
+        ("peak RSS (MB)", "peak_rss_mb"),
+    ]
+    print(f"{'metric':<52}{'nemoh':>10}{'HF':>10}{'ratio':>8}")
+    for label, key in rows:
+        print(f"{label:<52}{n[key]:>10.1f}{h[key]:>10.1f}{n[key] / h[key]:>7.2f}x")
+    print(f"HF batch baseline: {h['batch_how']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""The synchronous engine: requests in, one `step()` at a time, cumulative `RequestOutput`s out.
+
+    step() = schedule -> run the model -> sample (or verify drafts) -> postprocess (stop checks, detokenize)
+             -> draft the next tokens with MTP (speculative decoding only)
+
+A failure while postprocessing one request fails that request only (finish_reason "error"); a failure of the
+model forward fails the sequences of that batch, and repeated forward failures are raised as fatal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nemoh.engine.config import EngineArgs
+from nemoh.engine.detokenizer import IncrementalDetokenizer
+from nemoh.engine.kv_cache import BlockManager
+from nemoh.engine.model_runner import ModelRunner, SeqResult
+from nemoh.engine.outputs import CompletionOutput, RequestOutput
+from nemoh.engine.sampler import Sampler, SamplingRow, compute_logprobs, greedy_verify, rejection_sample
+from nemoh.engine.scheduler import Scheduler
+from nemoh.engine.sequence import Request, Sequence
+from nemoh.engine.spec_decode import DraftRequest, MTPProposer, SpecStats
+from nemoh.engine.state_cache import StateCache
+from nemoh.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+MAX_CONSECUTIVE_FORWARD_FAILURES = 3
+
+
+class _NoTokenizer:
+    """Token-id-only use without tokenizer files: texts stay empty."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The checkpoint's `tokenizer.json` as a `tokenizers.Tokenizer`, or None when there is none."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(os.fspath(model_dir), "tokenizer.json")
+    return Tokenizer.from_file(path) if os.path.isfile(path) else None
+
+
+@dataclass
+class EngineCounters:
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_requests_finished: int = 0
+    num_requests_failed: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer=None, args: EngineArgs | None = None):
+        self.args = args = args or EngineArgs()
+        self.model = model
+        self.model_config = cfg = model.config
+        self.tokenizer = tokenizer
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        self.eos_token_ids = list(cfg.eos_token_id)
+        self.num_speculative_tokens = k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+        if k and not cfg.has_mtp:
+            raise ValueError("speculative_config: method 'mtp' needs a checkpoint with an MTP block "
+                             "(num_nextn_predict_layers >= 1)")
+        self.runner = ModelRunner(model, args, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, args.block_size)
+        self.state_cache = StateCache(self.runner.num_state_slots)
+        self.scheduler = Scheduler(self.block_manager, self.state_cache,
+                                   max_num_seqs=min(args.max_num_seqs, self.runner.num_state_slots),
+                                   max_num_batched_tokens=args.max_num_batched_tokens,
+                                   enable_chunked_prefill=args.enable_chunked_prefill, num_lookahead_tokens=k)
+        self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, self.runner.device, args.seed)
+        self.proposer = MTPProposer(model, self.runner, k) if k else None
+        self.spec_stats = SpecStats()
+        self.counters = EngineCounters()
+        self.requests: dict[str, Request] = {}
+        self._consecutive_failures = 0
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, **engine_args) -> "LLMEngine":
+        import nemoh
+
+        args = EngineArgs.from_kwargs(**engine_args)
+        model = nemoh.load_model(model_dir, dtype=args.dtype, device=args.device)
+        return cls(model, load_tokenizer(model_dir), args)
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model directory has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request before it is queued; returns its resolved max_tokens. Raises ValueError."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt: must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token {bad!r} is outside the vocabulary [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt: {n} tokens do not leave room for any output within "
+                             f"max_model_len={self.max_model_len}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not supported by the nemoh engine (use logprobs for generated tokens)")
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens: the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds "
+                             f"max_model_len={self.max_model_len}")
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None = None,
+                    params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None,
+                    arrival_time: float | None = None) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                prompt_token_ids = self.encode(prompt)
+            elif prompt is not None:
+                prompt_token_ids = list(prompt)
+            else:
+                raise ValueError("prompt: give a string or token ids")
+        prompt_token_ids = list(prompt_token_ids)
+        max_tokens = self.validate_prompt(prompt_token_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        req = Request(request_id, text, prompt_token_ids, params, arrival_time=arrival)
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seq = Sequence(request_id, i, prompt_token_ids, params, max_tokens, arrival, gen)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer or _NoTokenizer(), prompt_token_ids,
+                                                     params.skip_special_tokens, params.stop,
+                                                     params.include_stop_str_in_output)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.counters.num_prompt_tokens += len(prompt_token_ids)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks and slots; returns its final output (None if unknown)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self._release(seq)
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """schedule -> run -> sample/verify + postprocess -> draft; returns the outputs of touched requests."""
+        batch = self.scheduler.schedule()
+        touched = {s.request_id: self.requests[s.request_id] for s in batch.failed}
+        touched.update((s.seq.request_id, self.requests[s.seq.request_id]) for s in batch.scheduled)
+        for seq in batch.failed:
+            self._fail_unfittable(seq)
+        if not batch.is_empty:
+            drafts = [self._postprocess_isolated(r) for r in self._run(batch.scheduled)]
+            self._propose([d for d in drafts if d is not None and not d.seq.is_finished])
+        return [self._output(req) for req in touched.values()]
+
+    def _fail_unfittable(self, seq: Sequence) -> None:
+        self.requests[seq.request_id].error = (f"the request needs more KV cache than the engine has "
+                                               f"({self.block_manager.num_blocks} blocks of {self.args.block_size})")
+        self._release(seq)
+
+    def _postprocess_isolated(self, r: SeqResult) -> DraftRequest | None:
+        req = self.requests[r.scheduled.seq.request_id]
+        if r.scheduled.seq.is_finished:      # failed with a sibling completion earlier in this step
+            return None
+        try:
+            return self._postprocess(r)
+        except Exception as e:  # one request's failure must not take the others down
+            logger.exception("request %s failed", req.request_id)
+            self.fail_request(req.request_id, f"{type(e).__name__}: {e}")
+            return None
+
+    def _run(self, scheduled) -> list[SeqResult]:
+        try:
+            results = self.runner.execute(scheduled)
+        except Exception as e:
+            self._consecutive_failures += 1
+            logger.exception("model forward failed (%d in a row)", self._consecutive_failures)
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FORWARD_FAILURES:
+                raise
+            for s in scheduled:      # their cache state is unknown now: fail them, keep the engine going
+                self.fail_request(s.seq.request_id, f"model forward failed: {type(e).__name__}: {e}")
+            return []
+        self._consecutive_failures = 0
+        return results
+
+    def _sample(self, r: SeqResult) -> tuple[list[int], int]:
+        """Tokens to append and the number of positions now validly computed."""
+        s, seq = r.scheduled, r.scheduled.seq
+        if r.logits is None:
+            return [], s.num_new_tokens
+        drafts = seq.draft_token_ids[: s.num_draft_tokens]
+        output = seq.output_token_ids
+        rows = [SamplingRow(seq.params, seq.prompt_token_ids, output + drafts[:j], seq.generator)
+                for j in range(len(drafts) + 1)]
+        logits = self.sampler.process(r.logits, rows)
+        if not drafts:
+            return [self.sampler.draw(self.sampler.probs(logits, rows)[0], rows[0])], s.num_new_tokens
+        if rows[0].is_greedy:
+            tokens = greedy_verify(torch.argmax(logits, dim=-1).tolist(), drafts)
+        else:
+            tokens = rejection_sample(self.sampler.probs(logits, rows), drafts, None,
+                                      lambda: self.sampler.uniform(rows[0]), lambda p: self.sampler.draw(p, rows[0]))
+        accepted = len(tokens) - 1
+        self.spec_stats.record(len(drafts), accepted)
+        if accepted < len(drafts):
+            self.runner.rollback_mamba_state(seq, r.intermediate, accepted)
+        return tokens, 1 + accepted
+
+    def _postprocess(self, r: SeqResult) -> DraftRequest | None:
+        seq = r.scheduled.seq
+        tokens, num_computed = self._sample(r)
+        seq.num_computed_tokens = r.start + num_computed
+        seq.draft_token_ids = []
+        logprobs = None
+        if tokens and seq.params.logprobs is not None:
+            logprobs = compute_logprobs(r.logits[: len(tokens)], tokens, [seq.params.logprobs] * len(tokens))
+        for i, t in enumerate(tokens):
+            self._append_token(seq, t, logprobs[i] if logprobs else None)
+            if seq.is_finished:
+                self._release(seq)
+                return None
+        if self.proposer is None:
+            return None
+        return DraftRequest(seq, r.start, r.hidden[:num_computed], needs_draft=bool(tokens))
+
+    def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        self.counters.num_generation_tokens += 1
+        if logprob is not None:
+            if self.tokenizer is not None:
+                for tid, lp in logprob.items():
+                    lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+            seq.logprobs.append(logprob)
+            seq.cumulative_logprob += logprob[token].logprob
+        stop_str = seq.detokenizer.add_token(token)
+        n_out = seq.num_output_tokens
+        if stop_str is not None:
+            seq.finish("stop", stop_str)
+        elif n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop", None)
+        elif n_out >= p.min_tokens and token in p.stop_token_ids:
+            seq.finish("stop", token)
+        elif n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    def _propose(self, drafts: list[DraftRequest]) -> None:
+        if not drafts:
+            return
+        try:
+            self.proposer.propose(drafts)
+        except Exception:  # drafts are an optimisation: without them the next step is a plain decode
+            logger.exception("MTP drafting failed; continuing without drafts")
+            for d in drafts:
+                d.seq.draft_token_ids = []
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        seq.detokenizer.flush()
+
+    def fail_request(self, request_id: str, error: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        req.error = error
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish("error")
+            self.scheduler.finish(seq)
+
+    def _output(self, req: Request) -> RequestOutput:
+        finished = req.is_finished
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.detokenizer.visible_text(s.is_finished),
+                token_ids=s.output_token_ids,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+            )
+            for s in req.seqs
+        ]
+        if finished and self.requests.pop(req.request_id, None) is not None:
+            self.counters.num_requests_finished += 1
+            self.counters.num_requests_failed += req.error is not None
+            for s in req.seqs:
+                self.counters.finish_reasons[s.finish_reason] = self.counters.finish_reasons.get(s.finish_reason, 0) + 1
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), outputs, finished=finished,
+                             error=req.error)
+
+    def stats(self) -> dict:
+        spec = self.spec_stats
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_unfinished_requests": len(self.requests),
+            "kv_blocks_used": self.block_manager.num_used_blocks,
+            "kv_blocks_total": self.block_manager.num_blocks,
+            "kv_block_size": self.args.block_size,
+            "mamba_slots_used": self.state_cache.num_used_slots,
+            "mamba_slots_total": self.state_cache.num_slots,
+            "prompt_tokens_total": self.counters.num_prompt_tokens,
+            "generation_tokens_total": self.counters.num_generation_tokens,
+            "requests_finished_total": self.counters.num_requests_finished,
+            "requests_failed_total": self.counters.num_requests_failed,
+            "preemptions_total": self.scheduler.num_preemptions,
+            "spec_num_speculative_tokens": self.num_speculative_tokens,
+            "spec_drafted_tokens_total": spec.num_drafted,
+            "spec_accepted_tokens_total": spec.num_accepted,
+            "spec_acceptance_rate": spec.acceptance_rate,
+            "spec_mean_accepted_length": spec.mean_accepted_length,
+        }

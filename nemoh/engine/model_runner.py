@@ -1,0 +1,185 @@
+"""The model runner: owns the cache tensors, turns a scheduled batch into a flat ForwardContext, runs the model.
+
+Sizing: KV blocks (every attention layer incl. the MTP block's) and Mamba state slots share one memory budget,
+`cache_memory_gb` or a fraction of the free device memory after the model is loaded. Each running sequence
+needs one slot, so slots are sized first (up to `max_num_seqs`) and the rest goes to KV blocks, capped at what
+`max_num_seqs` sequences of `max_model_len` tokens could ever use.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from nemoh.engine.config import EngineArgs
+from nemoh.engine.kv_cache import allocate_kv_caches, blocks_for, kv_bytes_per_block, kv_cache_dtype
+from nemoh.engine.scheduler import ScheduledSeq
+from nemoh.engine.sequence import Sequence
+from nemoh.engine.state_cache import allocate_mamba_caches, state_bytes_per_slot
+from nemoh.models.forward_context import ForwardContext
+
+logger = logging.getLogger(__name__)
+GiB = 1024 ** 3
+
+
+@dataclass
+class SeqResult:
+    """What one scheduled sequence got out of the main model this step."""
+    scheduled: ScheduledSeq
+    start: int                          # num_computed_tokens before this step (position of the first new token)
+    hidden: torch.Tensor                # (num_new_tokens, hidden) after norm_f, for the MTP block
+    logits: torch.Tensor | None         # (1 + num_drafts, vocab) when the step samples, else None
+    intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass cache_memory_gb")
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, args: EngineArgs, max_model_len: int):
+        self.model = model
+        self.config = cfg = model.config
+        self.args = args
+        self.device = model.device
+        self.block_size = args.block_size
+        k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+        self.kv_layer_ids = list(cfg.attention_layer_ids) + (list(cfg.mtp_attention_layer_ids) if k else [])
+        self.mamba_layer_ids = list(cfg.mamba_layer_ids)
+        self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, model.dtype)
+        self.conv_dtype = model.dtype
+        self.ssm_dtype = getattr(torch, args.mamba_ssm_cache_dtype or cfg.mamba_ssm_cache_dtype)
+        self.num_kv_blocks, self.num_state_slots = self._size_caches(max_model_len, k)
+        self.kv_caches = allocate_kv_caches(self.kv_layer_ids, self.num_kv_blocks, self.block_size,
+                                            cfg.num_key_value_heads, cfg.head_dim, self.kv_dtype, self.device)
+        self.mamba_caches = allocate_mamba_caches(
+            self.mamba_layer_ids, self.num_state_slots, cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads,
+            cfg.mamba_head_dim, cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype, self.device)
+        self.kv_scales: dict[int, tuple[float, float]] = {}
+        if args.kv_cache_dtype == "fp8":
+            scales = getattr(model, "kv_scales", None) or {}
+            self.kv_scales = {i: tuple(scales.get(i, (1.0, 1.0))) for i in self.kv_layer_ids}
+        logger.info(
+            "nemoh cache: %d KV blocks x %d tokens = %d tokens of KV (%s, %d layers), %d Mamba state slots "
+            "(ssm %s), %.3f GiB", self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.block_size,
+            self.kv_dtype, len(self.kv_layer_ids), self.num_state_slots, self.ssm_dtype, self.cache_bytes / GiB)
+
+    # ---- sizing ---------------------------------------------------------------------------------------
+    def _size_caches(self, max_model_len: int, k: int) -> tuple[int, int]:
+        cfg, args = self.config, self.args
+        self.bytes_per_block = kv_bytes_per_block(len(self.kv_layer_ids), self.block_size, cfg.num_key_value_heads,
+                                                  cfg.head_dim, self.kv_dtype)
+        self.bytes_per_slot = state_bytes_per_slot(
+            len(self.mamba_layer_ids), cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads, cfg.mamba_head_dim,
+            cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype)
+        if args.cache_memory_gb is not None:
+            budget = int(args.cache_memory_gb * GiB)
+        else:
+            fraction = args.gpu_memory_utilization if self.device.type == "cuda" else args.cpu_memory_utilization
+            budget = int(available_memory_bytes(self.device) * fraction)
+        slots = args.num_state_slots
+        if slots is None:
+            slots = args.max_num_seqs
+            if self.bytes_per_slot and slots * self.bytes_per_slot > budget // 2:
+                slots = max(1, (budget // 2) // self.bytes_per_slot)
+        blocks_per_seq = blocks_for(max_model_len + 2 * k + 1, self.block_size)
+        blocks = args.num_kv_blocks
+        if blocks is None:
+            left = budget - slots * self.bytes_per_slot
+            useful = slots * blocks_per_seq
+            blocks = min(useful, left // self.bytes_per_block) if self.bytes_per_block else useful
+            if blocks < 1:
+                raise ValueError(f"cache_memory_gb: a budget of {budget / GiB:.3f} GiB leaves no room for KV blocks "
+                                 f"({self.bytes_per_block} bytes each) after {slots} state slots")
+        return blocks, slots
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.num_kv_blocks * self.bytes_per_block + self.num_state_slots * self.bytes_per_slot
+
+    # ---- contexts ---------------------------------------------------------------------------------------
+    def make_context(self, seqs: list[Sequence], starts: list[int], lens: list[int],
+                     save_intermediate_states: bool = False) -> ForwardContext:
+        """A context for sequence i feeding `lens[i]` tokens at positions starts[i] ... starts[i] + lens[i] - 1."""
+        bs = self.block_size
+        slots: list[int] = []
+        for seq, start, n in zip(seqs, starts, lens):
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        qsl = [0]
+        for n in lens:
+            qsl.append(qsl[-1] + n)
+        return ForwardContext(
+            query_start_loc=qsl,
+            context_lens=list(starts),
+            state_slots=[s.state_slot if s.state_slot is not None else -1 for s in seqs],
+            block_tables=[s.block_table for s in seqs],
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_size=bs,
+            kv_caches=self.kv_caches,
+            mamba_caches=self.mamba_caches,
+            save_intermediate_states=save_intermediate_states,
+            kv_scales=self.kv_scales,
+        )
+
+    @staticmethod
+    def input_tokens(s: ScheduledSeq) -> list[int]:
+        seq = s.seq
+        if s.num_draft_tokens:
+            return [seq.token_ids[-1]] + seq.draft_token_ids[: s.num_draft_tokens]
+        start = seq.num_computed_tokens
+        return seq.token_ids[start:start + s.num_new_tokens]
+
+    # ---- the main model ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> list[SeqResult]:
+        """Run the main model over the batch. Verification (sequences with drafts) runs in its own forward
+        with intermediate Mamba states saved, so prefill chunks never pay for per-position states."""
+        verify = [s for s in scheduled if s.num_draft_tokens]
+        plain = [s for s in scheduled if not s.num_draft_tokens]
+        results: dict[int, SeqResult] = {}
+        for group, save in ((plain, False), (verify, True)):
+            if group:
+                for r in self._forward(group, save):
+                    results[r.scheduled.seq.seq_id] = r
+        return [results[s.seq.seq_id] for s in scheduled]
+
+    def _forward(self, group: list[ScheduledSeq], save: bool) -> list[SeqResult]:
+        seqs = [s.seq for s in group]
+        starts = [s.num_computed_tokens for s in seqs]
+        lens = [s.num_new_tokens for s in group]
+        ctx = self.make_context(seqs, starts, lens, save)
+        tokens = [t for s in group for t in self.input_tokens(s)]
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        hidden = self.model.forward_hidden(input_ids, ctx)
+        # logits only for the rows that are sampled: the last row, or all 1 + k rows of a verification
+        rows, spans = [], []
+        for i, s in enumerate(group):
+            end = ctx.query_start_loc[i + 1]
+            n = (1 + s.num_draft_tokens) if s.samples else 0
+            spans.append((len(rows), n))
+            rows.extend(range(end - n, end))
+        logits = self.model.compute_logits(hidden[rows]) if rows else None
+        out = []
+        for i, s in enumerate(group):
+            a, b = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
+            off, n = spans[i]
+            inter = {layer: states[i] for layer, states in ctx.intermediate_states.items()} if save else {}
+            out.append(SeqResult(s, starts[i], hidden[a:b], logits[off:off + n] if n else None, inter))
+        return out
+
+    def rollback_mamba_state(self, seq: Sequence, intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                             position: int) -> None:
+        """Put the state after new token `position` (0-based within the verified tokens) back into the slot."""
+        for layer, (conv, ssm) in intermediate.items():
+            conv_cache, ssm_cache = self.mamba_caches[layer]
+            conv_cache[seq.state_slot] = conv[position]
+            ssm_cache[seq.state_slot] = ssm[position]

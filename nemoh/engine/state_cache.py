@@ -1,0 +1,65 @@
+"""Mamba state slots: each running sequence owns one slot holding its conv and SSM state in every Mamba layer.
+
+Unlike KV blocks the state does not grow with the sequence, so a sequence needs exactly one slot from its
+first prefill chunk until it finishes or is preempted. The verbs match `BlockManager`.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from nemoh.engine.sequence import Sequence
+
+
+class StateCache:
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"StateCache: num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self._free: deque[int] = deque(range(num_slots))
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_slots(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return seq.state_slot is not None or bool(self._free)
+
+    def allocate(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            return
+        if not self._free:
+            raise RuntimeError("StateCache: no free slot")
+        seq.state_slot = self._free.popleft()
+
+    def append(self, seq: Sequence) -> None:
+        """The state has a fixed size: growing a sequence needs nothing."""
+
+    def free(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self._free.append(seq.state_slot)
+            seq.state_slot = None
+
+
+def state_bytes_per_slot(num_mamba_layers: int, conv_dim: int, conv_kernel: int, num_heads: int,
+                         head_dim: int, state_size: int, conv_dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
+    conv = conv_dim * (conv_kernel - 1) * torch.empty((), dtype=conv_dtype).element_size()
+    ssm = num_heads * head_dim * state_size * torch.empty((), dtype=ssm_dtype).element_size()
+    return num_mamba_layers * (conv + ssm)
+
+
+def allocate_mamba_caches(layer_ids: list[int], num_slots: int, conv_dim: int, conv_kernel: int,
+                          num_heads: int, head_dim: int, state_size: int, conv_dtype: torch.dtype,
+                          ssm_dtype: torch.dtype, device: torch.device | str
+                          ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer_idx: (conv_state (num_slots, conv_dim, conv_kernel-1), ssm_state (num_slots, H, P, N))}."""
+    return {
+        i: (torch.zeros(num_slots, conv_dim, conv_kernel - 1, dtype=conv_dtype, device=device),
+            torch.zeros(num_slots, num_heads, head_dim, state_size, dtype=ssm_dtype, device=device))
+        for i in layer_ids
+    }

@@ -1,0 +1,59 @@
+"""Greedy outputs must not depend on how the engine schedules: HF oracle, batching, chunking, MTP, preemption."""
+import torch
+from engine_helpers import PROMPTS, assert_idle, greedy
+
+from nemoh.sampling_params import SamplingParams
+
+
+def test_matches_hf_generate(ckpt, llm):
+    _, hf = ckpt
+    for prompt in PROMPTS[:2]:
+        ours = llm.generate([prompt], greedy(32))[0].outputs[0].token_ids
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_alone_equals_in_a_mixed_batch(llm, greedy_ref):
+    # different requests, lengths and sampling settings in one batch (plus a sampled request in the middle)
+    prompts = PROMPTS[:2] + [[9, 9, 9]] + PROMPTS[2:]
+    params = [greedy(), greedy(), SamplingParams(temperature=1.0, seed=3, max_tokens=10), greedy(), greedy()]
+    outs = llm.generate(prompts, params)
+    got = [o.outputs[0].token_ids for i, o in enumerate(outs) if i != 2]
+    assert got == greedy_ref
+    assert_idle(llm.engine)
+
+
+def test_chunked_prefill_is_invisible(make_llm, greedy_ref):
+    small = make_llm(max_num_batched_tokens=5)
+    outs = small.generate(PROMPTS, greedy())
+    assert [o.outputs[0].token_ids for o in outs] == greedy_ref
+    no_chunk = make_llm(max_num_batched_tokens=40, enable_chunked_prefill=False)
+    assert [o.outputs[0].token_ids for o in no_chunk.generate(PROMPTS, greedy())] == greedy_ref
+
+
+def test_preemption_under_a_tiny_kv_cache(make_llm, greedy_ref):
+    # 6 blocks of 16 tokens for four requests of 5-55 tokens: they must take turns and be recomputed
+    tiny = make_llm(num_kv_blocks=6, block_size=16)
+    outs = tiny.generate(PROMPTS, greedy())
+    assert [o.outputs[0].token_ids for o in outs] == greedy_ref
+    assert tiny.engine.scheduler.num_preemptions > 0
+    assert_idle(tiny.engine)
+
+
+def test_mtp_speculative_greedy_is_identical(make_llm, greedy_ref):
+    for k in (1, 3):
+        spec = make_llm(speculative_config={"method": "mtp", "num_speculative_tokens": k})
+        outs = spec.generate(PROMPTS, greedy())
+        assert [o.outputs[0].token_ids for o in outs] == greedy_ref
+        stats = spec.engine.stats()
+        assert stats["spec_drafted_tokens_total"] > 0
+        assert_idle(spec.engine)
+
+
+def test_request_that_never_fits_fails_alone(make_llm, greedy_ref):
+    tiny = make_llm(num_kv_blocks=3, block_size=16)    # 48 tokens of KV
+    outs = tiny.generate([PROMPTS[1], list(range(200, 260))], [greedy(), greedy()])
+    assert outs[0].outputs[0].token_ids == greedy_ref[1]
+    assert outs[1].outputs[0].finish_reason == "error" and outs[1].error
+    assert_idle(tiny.engine)
