@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def random_checkpoint(path: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_checkpoint
+    from checkpoints import make_checkpoint
 
     make_checkpoint(path, with_mtp=False, dtype=torch.bfloat16, hidden_size=256, head_dim=64,
                     mamba_head_dim=32, moe_intermediate_size=256, moe_latent_size=128,
