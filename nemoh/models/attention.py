@@ -81,7 +81,12 @@ class Attention(nn.Module):
             flat_v[ctx.slot_mapping] = v.to(v_cache.dtype)
         bs = ctx.block_size
         out = torch.empty_like(q)
+        batched = ctx.single_token_seqs
+        if batched:
+            self._attend_decode_batch(q, ctx, k_cache, v_cache, (k_scale, v_scale) if quantized else None, out)
         for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
+            if e - s == 1:
+                continue
             context_len = ctx.context_lens[i]
             kv_len = context_len + (e - s)
             blocks = ctx.block_tables[i][: (kv_len + bs - 1) // bs]
@@ -95,3 +100,18 @@ class Attention(nn.Module):
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
             out[s:e] = self._sdpa(q[None, s:e], keys[None], values[None], context_len)[0]
         return out
+
+    def _attend_decode_batch(self, q, ctx: ForwardContext, k_cache, v_cache, scales, out) -> None:
+        """All single-token sequences in one SDPA over their block tables, padded to the longest."""
+        rows, tables, mask = ctx.decode_attention_index
+        b = rows.shape[0]
+        keys = k_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)
+        if scales is not None:
+            keys, values = keys.to(q.dtype) * scales[0], values.to(q.dtype) * scales[1]
+        else:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        res = F.scaled_dot_product_attention(
+            q[rows][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        out[rows] = res[:, :, 0]

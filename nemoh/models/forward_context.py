@@ -17,6 +17,7 @@ sequence starts from empty state and nothing is written back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -51,6 +52,49 @@ class ForwardContext:
     @property
     def uses_cache(self) -> bool:
         return bool(self.kv_caches) or bool(self.mamba_caches)
+
+    # ---- per-step plans, computed once and shared by every layer of the step ---------------------------------
+    @cached_property
+    def single_token_seqs(self) -> list[int]:
+        """Sequences with exactly one new token: attention batches them, Mamba steps them together."""
+        return [i for i, n in enumerate(self.query_lens) if n == 1]
+
+    @cached_property
+    def mamba_decode_seqs(self) -> list[int]:
+        """Single-token sequences that continue from a cached state (not during speculative verification)."""
+        if self.save_intermediate_states:
+            return []
+        return [i for i in self.single_token_seqs if self.context_lens[i] > 0]
+
+    @cached_property
+    def mamba_decode_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token rows, state slots) of `mamba_decode_seqs` as index tensors on the cache device."""
+        device = self.slot_mapping.device if self.slot_mapping is not None else None
+        seqs = self.mamba_decode_seqs
+        return (torch.tensor([self.query_start_loc[i] for i in seqs], device=device),
+                torch.tensor([self.state_slots[i] for i in seqs], device=device))
+
+    @cached_property
+    def mamba_decode_slot_span(self) -> tuple[int, int] | None:
+        """(first, end) when the decode sequences' slots are consecutive, so their states are one view."""
+        slots = [self.state_slots[i] for i in self.mamba_decode_seqs]
+        if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+            return slots[0], slots[0] + len(slots)
+        return None
+
+    @cached_property
+    def decode_attention_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `single_token_seqs`: token rows (b,), padded block tables (b, max_blocks), and a mask
+        (b, 1, 1, max_blocks * block_size) of the key positions each sequence may see."""
+        device = self.slot_mapping.device if self.slot_mapping is not None else None
+        seqs = self.single_token_seqs
+        kv_lens = [self.context_lens[i] + 1 for i in seqs]
+        width = max((n + self.block_size - 1) // self.block_size for n in kv_lens)
+        tables = [self.block_tables[i][:width] + [0] * (width - len(self.block_tables[i][:width])) for i in seqs]
+        positions = torch.arange(width * self.block_size, device=device)
+        mask = positions[None, :] < torch.tensor(kv_lens, device=device)[:, None]
+        return (torch.tensor([self.query_start_loc[i] for i in seqs], device=device),
+                torch.tensor(tables, dtype=torch.long, device=device), mask[:, None, None, :])
 
     @staticmethod
     def for_full_forward(batch_size: int, seq_len: int) -> "ForwardContext":

@@ -20,7 +20,7 @@ from torch import nn
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
 from nemoh.models.norm import GatedGroupRMSNorm
-from nemoh.models.ssd import ssd_chunked, ssd_step, ssd_steps
+from nemoh.models.ssd import ssd_chunked, ssd_step_, ssd_steps
 
 
 class Mamba2Mixer(nn.Module):
@@ -109,14 +109,14 @@ class Mamba2Mixer(nn.Module):
 
     def _forward_cached(self, xbc, dt, A, ctx: ForwardContext, cache, y: torch.Tensor) -> None:
         conv_cache, ssm_cache = cache
-        decode_seqs = []
-        for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
-            if e - s == 1 and ctx.context_lens[i] > 0 and not ctx.save_intermediate_states:
-                decode_seqs.append(i)
-            else:
-                self._run_sequence(i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+        decode_seqs = ctx.mamba_decode_seqs
+        if len(decode_seqs) < ctx.num_seqs:
+            stepped = set(decode_seqs)
+            for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
+                if i not in stepped:
+                    self._run_sequence(i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
         if decode_seqs:
-            self._decode_batch(decode_seqs, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+            self._decode_batch(xbc, dt, A, ctx, conv_cache, ssm_cache, y)
 
     def _run_sequence(self, i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
         slot = ctx.state_slots[i]
@@ -142,16 +142,20 @@ class Mamba2Mixer(nn.Module):
         conv_cache[slot] = padded[:, -(self.conv_kernel - 1):].to(conv_cache.dtype)
         ssm_cache[slot] = final.to(ssm_cache.dtype)
 
-    def _decode_batch(self, seqs, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
-        rows = torch.tensor([ctx.query_start_loc[i] for i in seqs], device=xbc.device)
-        slots = torch.tensor([ctx.state_slots[i] for i in seqs], device=xbc.device)
+    def _decode_batch(self, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
+        rows, slots = ctx.mamba_decode_index
         window = torch.cat([conv_cache[slots].to(xbc.dtype), xbc[rows][:, :, None]], dim=2)      # (b, c, k)
         act = (window * self.conv1d.weight[:, 0]).sum(-1)                                       # 2.
         if self.conv1d.bias is not None:
             act = act + self.conv1d.bias
         act = F.silu(act)
-        x, B, C = self._split_xbc(act)
-        out, state = ssd_step(ssm_cache[slots], x, dt[rows], A, B, C)                          # 4.
-        y[rows] = out + self.D.float()[:, None] * x.float()
         conv_cache[slots] = window[:, :, 1:].to(conv_cache.dtype)
-        ssm_cache[slots] = state.to(ssm_cache.dtype)
+        x, B, C = self._split_xbc(act)
+        span = ctx.mamba_decode_slot_span
+        if span is not None and ssm_cache.dtype == torch.float32:
+            out = ssd_step_(ssm_cache[span[0]:span[1]], x, dt[rows], A, B, C)                  # 4. in place
+        else:
+            state = ssm_cache[slots].float()
+            out = ssd_step_(state, x, dt[rows], A, B, C)
+            ssm_cache[slots] = state.to(ssm_cache.dtype)
+        y[rows] = out + self.D.float()[:, None] * x.float()

@@ -71,22 +71,20 @@ class LatentMoE(nn.Module):
         return routed + self.shared_experts(x)                                               # 5.
 
     def _run_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Group the (token, expert) pairs by expert and run each chosen expert once on all its tokens."""
-        top_k = ids.shape[1]
+        """Group the (token, expert) pairs by expert, run each chosen expert once on all its tokens, then put
+        the pair outputs back in token order with one scatter and sum each token's k weighted outputs."""
+        num_tokens, top_k = ids.shape
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        token_of_pair = order // top_k
-        pair_weights = weights.reshape(-1)[order]
-        out = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
-        start = 0
+        inputs = u[order // top_k]                                    # (num_tokens * k, width), expert-sorted
+        outputs, start = [], 0
         for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            tokens = token_of_pair[start:end]
-            expert = self.experts[expert_id]
-            h = expert.down_proj(relu2(expert.up_proj(u[tokens])))
-            out.index_add_(0, tokens, h.float() * pair_weights[start:end, None])
-            start = end
-        return out.to(u.dtype)
+            if count:
+                expert = self.experts[expert_id]
+                outputs.append(expert.down_proj(relu2(expert.up_proj(inputs[start:start + count]))))
+                start += count
+        pair_out = torch.cat(outputs).float() * weights.reshape(-1)[order, None]
+        unsorted = torch.empty_like(pair_out)
+        unsorted[order] = pair_out
+        return unsorted.view(num_tokens, top_k, -1).sum(1).to(u.dtype)
