@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+# The bundled demo model is served with everything on: tool calls (auto) and MTP speculative decoding.
+DEMO_SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 2}
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 PASS_THROUGH = ("quantize", "train", "bench")
 
@@ -188,7 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
             allowed_origins=list(args.allowed_origins),
             reasoning_parser=_parser_name(args.reasoning_parser, REASONING_PARSERS, "--reasoning-parser"),
             tool_call_parser=_parser_name(args.tool_call_parser, TOOL_PARSERS, "--tool-call-parser"),
-            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            enable_auto_tool_choice=args.enable_auto_tool_choice or args.model is None,
             trust_request_chat_template=args.trust_request_chat_template,
             max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
             drain_timeout=args.drain_timeout,
@@ -198,7 +200,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and settings.tool_call_parser is None:
         raise CLIError("--enable-auto-tool-choice needs a --tool-call-parser")
     template = _chat_template(model_dir, args.chat_template)
-    engine = build_engine(model_dir, engine_kwargs(args))
+    kwargs = engine_kwargs(args)
+    if args.model is None:
+        kwargs.setdefault("speculative_config", DEMO_SPECULATIVE_CONFIG)
+    engine = build_engine(model_dir, kwargs)
     holder: dict[str, Any] = {}
 
     def on_engine_dead() -> None:

@@ -28,7 +28,8 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (num_tokens, hidden) -> (topk_weights (num_tokens, k) fp32, topk_ids (num_tokens, k))."""
-        logits = F.linear(x.float(), self.weight.float())                                     # 1.
+        with torch.autocast(x.device.type, enabled=False):       # routing stays fp32 under autocast too
+            logits = F.linear(x.float(), self.weight.float())                                 # 1.
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()                               # 2.
         if self.n_group > 1:

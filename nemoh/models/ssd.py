@@ -31,6 +31,11 @@ def ssd_chunked(
 
     Returns y: (b, t, h, p) and the final state (b, h, p, n), both float32.
     """
+    with torch.autocast(x.device.type, enabled=False):     # the scan is float32 even under autocast
+        return _ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
+
+
+def _ssd_chunked(x, dt, A, B, C, chunk_size, initial_state):
     bsz, seqlen, num_heads, head_dim = x.shape
     state_size = B.shape[-1]
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
