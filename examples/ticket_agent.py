@@ -21,20 +21,23 @@ from typing import Any, Callable
 
 from openai import OpenAI
 
+# Each scripted ticket with the tools that resolving it takes (the summary checks they were called).
 TICKETS = [
-    "Hi, this is ana.lopez@example.com. I forgot my password and can't sign in to anything.",
-    "My account got locked after too many attempts this morning. Email: raj.patel@example.com",
-    "The Wi-Fi on the 4th floor keeps dropping every few minutes. Can someone look at it? It's urgent.",
-    "What's the status of INC-4821? I opened it last week about my docking station.",
-    "INC-4822 has been open for days and Outlook still won't sync. Please escalate it to messaging.",
-    "How do I set up the VPN on a new laptop?",
+    ("Hi, this is ana.lopez@example.com. I forgot my password and can't sign in to anything.",
+     {"lookup_user", "reset_password"}),
+    ("My account got locked after too many attempts this morning. Email: raj.patel@example.com",
+     {"lookup_user", "unlock_account"}),
+    ("The Wi-Fi on the 4th floor keeps dropping every few minutes. Can someone look at it? It's urgent.",
+     {"create_ticket"}),
+    ("What's the status of INC-4821? I opened it last week about my docking station.", {"get_ticket_status"}),
+    ("INC-4822 has been open for days and Outlook still won't sync. Please escalate it to messaging.",
+     {"escalate_ticket"}),
+    ("How do I set up the VPN on a new laptop?", set()),
 ]
 
-SYSTEM_PROMPT = (
-    "You are the IT helpdesk assistant. Resolve each ticket with the tools: look users up by email before "
-    "acting on their account, open a ticket for problems you cannot fix, and finish with a short reply to "
-    "the employee."
-)
+# The bundled demo model was trained with short system prompts of this shape; a real Nemotron 3 model takes
+# any instructions here.
+SYSTEM_PROMPT = "You are the IT helpdesk assistant at Contoso. Use the tools to help employees."
 
 
 # ---------------------------------------------------------------------------------------------- fake backends
@@ -139,10 +142,15 @@ class Backends:
 @dataclass
 class TicketResult:
     ticket: str
+    expected_tools: set[str] = field(default_factory=set)
     turns: int = 0
     tool_calls: list[str] = field(default_factory=list)
     answer: str | None = None
     error: str | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return self.answer is not None and self.expected_tools <= set(self.tool_calls)
 
 
 def _short(text: str | None, width: int = 100) -> str:
@@ -150,9 +158,9 @@ def _short(text: str | None, width: int = 100) -> str:
 
 
 def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backends, ticket: str,
-                  max_turns: int = 6, temperature: float = 0.6, max_tokens: int = 512,
+                  expected_tools: set[str] | None = None, max_turns: int = 6, temperature: float = 0.0, max_tokens: int = 512,
                   thinking: bool = True, log: Callable[[str], None] = print) -> TicketResult:
-    result = TicketResult(ticket)
+    result = TicketResult(ticket, set(expected_tools or ()))
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT},
                                       {"role": "user", "content": ticket}]
     log(f"\n=== ticket: {ticket}")
@@ -188,12 +196,15 @@ def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backe
 
 def print_summary(results: list[TicketResult], backends: Backends) -> None:
     print("\n=== summary")
-    print(f"{'#':>2}  {'turns':>5}  {'tool calls':<45}  answered")
+    print(f"{'#':>2}  {'turns':>5}  {'tool calls':<45}  {'answered':<9} resolved")
     for i, r in enumerate(results, 1):
         calls = ", ".join(r.tool_calls) or "-"
-        print(f"{i:>2}  {r.turns:>5}  {_short(calls, 45):<45}  {'yes' if r.answer else 'no (' + (r.error or '') + ')'}")
+        answered = "yes" if r.answer else "no"
+        print(f"{i:>2}  {r.turns:>5}  {_short(calls, 45):<45}  {answered:<9} {'yes' if r.resolved else 'no'}")
     answered = sum(r.answer is not None for r in results)
-    print(f"\n{answered}/{len(results)} tickets answered, {sum(len(r.tool_calls) for r in results)} tool calls")
+    resolved = sum(r.resolved for r in results)
+    print(f"\n{resolved}/{len(results)} tickets resolved (expected tools called and a final answer), "
+          f"{answered} answered, {sum(len(r.tool_calls) for r in results)} tool calls")
     print("backend actions: " + ("; ".join(backends.actions) or "none"))
 
 
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", default=str(Path(__file__).with_name("demo_tools.json")))
     p.add_argument("--max-turns", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-thinking", action="store_true")
     p.add_argument("--tickets", type=int, default=len(TICKETS), help="how many of the scripted tickets to run")
     args = p.parse_args(argv)
@@ -215,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     tools = json.loads(Path(args.tools).read_text())
     backends = Backends()
     results = [
-        handle_ticket(client, model, tools, backends, ticket, args.max_turns, args.temperature, args.max_tokens,
-                      not args.no_thinking)
-        for ticket in TICKETS[: args.tickets]
+        handle_ticket(client, model, tools, backends, ticket, expected, args.max_turns, args.temperature,
+                      args.max_tokens, not args.no_thinking)
+        for ticket, expected in TICKETS[: args.tickets]
     ]
     print_summary(results, backends)
-    return 0
+    return 0 if all(r.resolved for r in results) else 1
 
 
 if __name__ == "__main__":
