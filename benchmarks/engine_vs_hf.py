@@ -60,11 +60,33 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def decode_floor_tps(model) -> tuple[float, float, float]:
+    """The bandwidth floor of single-stream decode: weight bytes one token must read (everything but the
+    routed experts, plus top-k experts per MoE layer; MTP excluded) over measured memory-copy bandwidth."""
+    import torch
+
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if ".experts." in name:
+            total += p.numel() * p.element_size() * cfg.num_experts_per_tok / cfg.n_routed_experts
+        else:
+            total += p.numel() * p.element_size()
+    src = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = timed(lambda: [dst.copy_(src) for _ in range(5)])
+    bandwidth = 2 * src.numel() * 4 * 5 / t           # bytes read + written per second
+    return bandwidth / total, total, bandwidth
+
+
 # ---- the two sides -------------------------------------------------------------------------------------
-def run_nemoh(path: str, s: dict) -> dict:
+def run_nemoh(path: str, s: dict, dtype: str) -> dict:
     from nemoh import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", max_model_len=s["prefill"] + 64, max_num_seqs=max(32, s["requests"]),
+    llm = LLM(path, dtype=dtype, max_model_len=s["prefill"] + 64, max_num_seqs=max(32, s["requests"]),
               max_num_batched_tokens=max(2048, s["prefill"]), cache_memory_gb=2.0)
     vocab = CONFIG["vocab_size"]
     p1 = prompts(1, s["prompt"], vocab)
@@ -81,15 +103,17 @@ def run_nemoh(path: str, s: dict) -> dict:
     long = prompts(1, s["prefill"], vocab)
     gen(prompts(1, 256, vocab), 1)
     tp = timed(lambda: gen(long, 1))
+    floor, weight_bytes, bandwidth = decode_floor_tps(llm.engine.model)
     return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=s["requests"] * s["gen"] / tb,
-                batch_how="continuous batching", prefill_tps=s["prefill"] / tp)
+                batch_how="continuous batching", prefill_tps=s["prefill"] / tp, floor_tps=floor,
+                weight_mb=weight_bytes / 2**20, bandwidth_gbs=bandwidth / 1e9)
 
 
-def run_hf(path: str, s: dict) -> dict:
+def run_hf(path: str, s: dict, dtype: str) -> dict:
     import torch
     from transformers import NemotronHForCausalLM
 
-    model = NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = NemotronHForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     vocab = CONFIG["vocab_size"]
 
     def gen(ids, n, mask=None):
@@ -118,13 +142,13 @@ def run_hf(path: str, s: dict) -> dict:
     return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=best, batch_how=how, prefill_tps=s["prefill"] / tp)
 
 
-def child(side: str, path: str, size: str, threads: int) -> None:
+def child(side: str, path: str, size: str, threads: int, dtype: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     s = SIZES[size]
-    result = run_nemoh(path, s) if side == "nemoh" else run_hf(path, s)
+    result = run_nemoh(path, s, dtype) if side == "nemoh" else run_hf(path, s, dtype)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -134,24 +158,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a couple of minutes)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nemoh-bench-ckpt"))
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides use it")
     ap.add_argument("--side", choices=["nemoh", "hf"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = "quick" if args.quick else "full"
     if args.side:
-        child(args.side, args.dir, size, args.threads)
+        child(args.side, args.dir, size, args.threads, args.dtype)
         return
     build_checkpoint(args.dir)
     results = {}
     for side in ("nemoh", "hf"):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--dir", args.dir,
-               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+               "--threads", str(args.threads), "--dtype", args.dtype] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"{side} run failed:\n{proc.stderr[-4000:]}")
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     s = SIZES[size]
     n, h = results["nemoh"], results["hf"]
-    print(f"\nnemoh vs HF transformers {__import__('transformers').__version__}, float32, CPU, {args.threads} threads, "
+    print(f"\nnemoh vs HF transformers {__import__('transformers').__version__}, {args.dtype}, CPU, {args.threads} threads, "
           f"random checkpoint: pattern {CONFIG['hybrid_override_pattern']}, hidden {CONFIG['hidden_size']}, "
           f"vocab {CONFIG['vocab_size']}, {CONFIG['n_routed_experts']} experts top-{CONFIG['num_experts_per_tok']} "
           f"latent {CONFIG['moe_latent_size']}")
@@ -165,6 +190,8 @@ def main() -> None:
     for label, key in rows:
         print(f"{label:<52}{n[key]:>10.1f}{h[key]:>10.1f}{n[key] / h[key]:>7.2f}x")
     print(f"HF batch baseline: {h['batch_how']}")
+    print(f"single-stream decode floor: {n['weight_mb']:.0f} MB of weights per token / {n['bandwidth_gbs']:.1f} GB/s "
+          f"measured copy bandwidth = {n['floor_tps']:.0f} tok/s (nemoh reaches {n['decode_tps'] / n['floor_tps']:.0%})")
 
 
 if __name__ == "__main__":
