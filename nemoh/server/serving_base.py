@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from nemoh.engine.outputs import EngineDeadError, EngineError, Logprob, QueueFullError
@@ -16,6 +17,7 @@ from nemoh.server.errors import APIError, bad_request, queue_full, unavailable, 
 from nemoh.server.generation import ChoiceDelta
 from nemoh.server.protocol import Usage, UsageDetails
 from nemoh.server.settings import ServerState
+from nemoh.server.streaming import SSE_HEADERS, ClientDisconnected, first_and_rest, until_disconnected
 
 logger = logging.getLogger("nemoh.server")
 
@@ -128,6 +130,25 @@ def engine_error(exc: BaseException) -> APIError:
         return APIError(500, f"The request failed in the engine: {exc}", code="engine_error")
     logger.error("request failed", exc_info=exc)
     return APIError(500, "Internal server error.", code="internal_error")
+
+
+async def respond(request: Request, job: Any, stream: Any, streaming: bool, interval: float):
+    """Answer with SSE (`job.stream(first, rest)`) or one JSON body (`job.collect(stream)`).
+
+    A stream's 200 is committed only once the first delta exists, so queue-full or a dead engine still get
+    their own status; a client that leaves gets 499 (nobody reads it) and its requests are aborted.
+    """
+    try:
+        if streaming:
+            first, rest = await first_and_rest(request, stream, interval)
+            return StreamingResponse(job.stream(first, rest), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await until_disconnected(request, job.collect(stream), interval)
+    except ClientDisconnected:
+        return JSONResponse({}, status_code=499)
+    except APIError:
+        raise
+    except Exception as e:
+        raise engine_error(e) from None
 
 
 async def run_sync(fn: Any, *args: Any) -> Any:

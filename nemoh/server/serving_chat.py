@@ -17,7 +17,7 @@ import logging
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from nemoh.chat import ChatOutputParser, ChatTemplate, TemplateError
 from nemoh.server.errors import APIError, bad_request
@@ -50,13 +50,14 @@ from nemoh.server.serving_base import (
     encode,
     engine_error,
     resolve_max_tokens,
+    respond,
     run_sync,
     sampling_params,
     token_text,
     usage,
 )
 from nemoh.server.settings import ServerState
-from nemoh.server.streaming import DONE, SSE_HEADERS, ClientDisconnected, first_and_rest, sse, sse_error, until_disconnected
+from nemoh.server.streaming import DONE, sse, sse_error
 
 logger = logging.getLogger("nemoh.server")
 
@@ -193,20 +194,7 @@ class ChatServing:
         job = _ChatJob(self, req, model, request_id, prompt_ids, new_parser, thinking)
         stream = generate_choices(self.engine, specs)
         interval = self.settings.disconnect_poll_interval
-        if req.stream:
-            try:
-                first, rest = await first_and_rest(request, stream, interval)
-            except ClientDisconnected:
-                return JSONResponse({}, status_code=499)
-            except Exception as e:
-                raise engine_error(e) from None
-            return StreamingResponse(job.stream(first, rest), media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            return await until_disconnected(request, job.collect(stream), interval)
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
-        except Exception as e:
-            raise engine_error(e) from None
+        return await respond(request, job, stream, req.stream, interval)
 
 
 class _ChoiceStream:
