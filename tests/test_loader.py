@@ -177,3 +177,17 @@ def test_peak_memory_while_loading_is_bounded(tmp_path):
     print(f"model {size / 2**20:.1f} MiB, peak RSS growth while loading {peak / 2**20:.1f} MiB "
           f"({peak / size:.2f}x)")
     assert peak <= 1.3 * size
+
+
+def test_fp8_kv_cache_scales_are_read_from_the_checkpoint(ckpt):
+    """k_proj.k_scale / v_proj.v_scale (ModelOpt's FP8 KV-cache scales) land in model.kv_scales by layer."""
+    def add(t):
+        t["backbone.layers.1.mixer.k_proj.k_scale"] = torch.tensor(0.5)
+        t["backbone.layers.1.mixer.v_proj.v_scale"] = torch.tensor([0.25])
+    _rewrite(ckpt / "model.safetensors", add)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    for name in ("backbone.layers.1.mixer.k_proj.k_scale", "backbone.layers.1.mixer.v_proj.v_scale"):
+        index["weight_map"][name] = "model.safetensors"
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = nemoh.load_model(ckpt, strict=True)
+    assert model.kv_scales == {1: (0.5, 0.25)}
