@@ -18,7 +18,7 @@ from typing import Any
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 # The bundled demo model is served with everything on: tool calls (auto) and MTP speculative decoding.
-DEMO_SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 2}
+DEMO_SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 1}
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 PASS_THROUGH = ("quantize", "train", "bench")
 
