@@ -347,15 +347,23 @@ class _ChatJob:
         tool_calls = None
         if parsed.tool_calls:
             c.saw_tool_call = True
+            # one entry per call index in a chunk, as OpenAI streams them: a call's name and its arguments
+            # may come out of the parser in the same step (several tokens per step with MTP)
+            merged: list[list[Any]] = []
+            for tc in parsed.tool_calls:
+                if merged and merged[-1][0] == tc.index:
+                    last = merged[-1]
+                    last[1], last[2] = last[1] or tc.id, last[2] or tc.name
+                    if tc.arguments_fragment is not None:
+                        last[3] = (last[3] or "") + tc.arguments_fragment
+                else:
+                    merged.append([tc.index, tc.id, tc.name, tc.arguments_fragment])
             tool_calls = [
                 ToolCallDelta(
-                    index=tc.index, id=tc.id, type="function" if tc.id else None,
-                    function=FunctionCallDelta(
-                        name=tc.name,
-                        arguments=tc.arguments_fragment if tc.arguments_fragment is not None else ("" if tc.name else None),
-                    ),
+                    index=index, id=call_id, type="function" if call_id else None,
+                    function=FunctionCallDelta(name=name, arguments=args if args is not None else ("" if name else None)),
                 )
-                for tc in parsed.tool_calls
+                for index, call_id, name, args in merged
             ]
         return DeltaMessage(content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=tool_calls)
 
