@@ -27,3 +27,15 @@ def make_tiny_checkpoint(path: Path, sharded: bool = False, seed: int = 0) -> Pa
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))
     (path / "chat_template.jinja").write_text("{{ messages }}")
     return path
+
+
+def read_sharded(path: Path) -> dict:
+    """Every tensor of a sharded checkpoint, by name."""
+    from safetensors import safe_open
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(path / shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

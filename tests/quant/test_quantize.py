@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _tiny import make_tiny_checkpoint
+from _tiny import make_tiny_checkpoint, read_sharded
 from nemoh.quant.modelopt import QuantConfig
 from nemoh.quant.nvfp4 import dequantize_nvfp4
 from nemoh.quant.quantize import DEFAULT_EXCLUDES, main, quantize_checkpoint, read_calib_samples
@@ -44,21 +44,12 @@ def _read_all(path):
     return out
 
 
-def _read_src(path):
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    out = {}
-    for shard in set(index["weight_map"].values()):
-        with safe_open(str(path / shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def test_nvfp4_checkpoint_layout(src, tmp_path):
     dst = tmp_path / "q"
     assert len(set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
     qc = quantize_checkpoint(src, dst, fmt="nvfp4", shard_size_bytes=20_000, progress=False)
     tensors = _read_all(dst)
-    source = _read_src(src)
+    source = read_sharded(src)
     assert len(list(dst.glob("model-*-of-*.safetensors"))) > 1
     for m in QUANTIZED:
         w = source[f"{m}.weight"]

@@ -3,28 +3,17 @@ same logits as the dense model whose quantized Linear weights are replaced by th
 
 """
 
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from _tiny import make_tiny_checkpoint
+from _tiny import make_tiny_checkpoint, read_sharded
 from nemoh.quant.fp8 import dequantize_fp8
 from nemoh.quant.linear import FP8Linear, NVFP4Linear
 from nemoh.quant.nvfp4 import dequantize_nvfp4
 from nemoh.quant.quantize import quantize_checkpoint
 
 from nemoh import load_model
-
-
-def _tensors(path):
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    out = {}
-    for shard in set(index["weight_map"].values()):
-        with safe_open(str(path / shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.mark.parametrize(
@@ -40,7 +29,7 @@ def test_quantized_logits_match_dequantised_dense(tmp_path, fmt, calibrated, cls
         calib = tmp_path / "calib.txt"
         calib.write_text("\n".join(" ".join(f"w{(i * 11 + j) % 255 + 1}" for j in range(16)) for i in range(4)))
     quantize_checkpoint(src, dst, fmt=fmt, calib_file=calib, progress=False)
-    tensors = _tensors(dst)
+    tensors = read_sharded(dst)
     quantized = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")})
 
     qmodel = load_model(str(dst), dtype="float32")
