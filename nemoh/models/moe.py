@@ -62,7 +62,7 @@ class LatentMoE(nn.Module):
             self.fc1_latent_proj = nn.Linear(config.hidden_size, self.latent_size, bias=config.mlp_bias)
             self.fc2_latent_proj = nn.Linear(self.latent_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
         weights, ids = self.gate(x)
         u = self.fc1_latent_proj(x) if self.latent_size is not None else x                   # 4.

@@ -29,6 +29,11 @@ def make_mixer(layer_type: str, config: NemotronHConfig, layer_idx: int) -> nn.M
     return MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
 
+def run_mixer(layer_type: str, mixer: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """Only the mixers that keep per-sequence caches (Mamba, attention) take the forward context."""
+    return mixer(x, ctx) if layer_type in ("mamba", "attention") else mixer(x)
+
+
 class MTPLayer(nn.Module):
     def __init__(self, config: NemotronHConfig, layer_type: str, cache_idx: int, is_first: bool, is_last: bool):
         super().__init__()
@@ -60,5 +65,5 @@ class MTPBlock(nn.Module):
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))
         for layer in self.layers:
-            x = x + layer.mixer(layer.norm(x), ctx)
+            x = x + run_mixer(layer.layer_type, layer.mixer, layer.norm(x), ctx)
         return self.layers[-1].final_layernorm(x)

@@ -14,7 +14,7 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
-from nemoh.models.mtp import MTPBlock, make_mixer
+from nemoh.models.mtp import MTPBlock, make_mixer, run_mixer
 from nemoh.models.norm import RMSNorm
 
 
@@ -26,9 +26,7 @@ class Block(nn.Module):
         self.mixer = make_mixer(self.layer_type, config, layer_idx)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        if self.layer_type in ("mamba", "attention"):
-            return x + self.mixer(self.norm(x), ctx)
-        return x + self.mixer(self.norm(x))
+        return x + run_mixer(self.layer_type, self.mixer, self.norm(x), ctx)
 
 
 class Backbone(nn.Module):

@@ -57,7 +57,7 @@ from nemoh.server.serving_base import (
     usage,
 )
 from nemoh.server.settings import ServerState
-from nemoh.server.streaming import DONE, sse, sse_error
+from nemoh.server.streaming import DONE, prepend, sse, sse_error
 
 logger = logging.getLogger("nemoh.server")
 
@@ -293,13 +293,7 @@ class _ChatJob:
                 c.sent_role = True
                 yield self._chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content="")))
 
-            async def deltas() -> AsyncIterator[ChoiceDelta]:
-                if first is not None:
-                    yield first
-                async for d in rest:
-                    yield d
-
-            async for delta in deltas():
+            async for delta in prepend(first, rest):
                 c = choices[delta.index]
                 if delta.token_ids:
                     self.timer.tokens()

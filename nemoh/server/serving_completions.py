@@ -37,7 +37,7 @@ from nemoh.server.serving_base import (
     usage,
 )
 from nemoh.server.settings import ServerState
-from nemoh.server.streaming import DONE, sse, sse_error
+from nemoh.server.streaming import DONE, prepend, sse, sse_error
 
 
 class CompletionServing:
@@ -169,13 +169,7 @@ class _CompletionJob:
                     offsets[i] = len(text)
                     yield self._chunk(CompletionChoice(index=i, text=text))
 
-            async def deltas() -> AsyncIterator[ChoiceDelta]:
-                if first is not None:
-                    yield first
-                async for d in rest:
-                    yield d
-
-            async for delta in deltas():
+            async for delta in prepend(first, rest):
                 i = delta.index
                 if delta.error:
                     yield sse_error(500, f"The request failed in the engine: {delta.error}", code="engine_error")

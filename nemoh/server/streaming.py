@@ -88,3 +88,11 @@ async def first_and_rest(
             await stream.aclose()
         raise
     return first, stream
+
+
+async def prepend(first: T | None, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The whole stream again after `first_and_rest` took its first item off."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
