@@ -118,6 +118,26 @@ URGENCY = {1: ["this is urgent", "it's an emergency", "we are completely blocked
            4: ["low priority", "it can wait", "no rush at all"]}
 
 
+# Train-only made-up entities: a share of the training people, domains and how-to topics are invented, so
+# that the model learns what an email or a topic looks like and copies it piece by piece, instead of
+# recognising the few real names it was shown (held-out names are unseen, and a tiny model otherwise
+# fails to notice an email it has no name for).
+MADE_UP_RATE = 0.5
+SYLLABLES = """ba be bo bri ca co da del dor el fa fen ga gil ha hol ja jo ka kel ko la lin lo ma mar mi
+na nel no ol pa pel ra ren ro sa sel so ta tel to ul va vel vo wa win ya zo zel""".split()
+MADE_UP_TLDS = ["com", "net", "org", "io", "co", "biz", "info", "dev", "tech", "app", "cloud", "eu"]
+KB_VERBS = ["configure", "reset", "install", "remove", "update", "sync", "back up", "restore", "export",
+            "rename", "share", "archive", "find", "print from", "connect to", "sign out of"]
+KB_OBJECTS = ["the shared printer", "my VPN profile", "a distribution list", "my browser bookmarks",
+              "the team wiki", "a desk booking", "my laptop drivers", "a mailbox rule", "my phone contacts",
+              "the meeting room display", "a code signing key", "my home directory", "the expense app",
+              "a second screen", "the guest network", "my voicemail"]
+
+
+def _made_up_name(r: random.Random) -> str:
+    return "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
+
+
 def pool(items: list, split: str) -> list:
     """The split's share of a pool: first 75% train, the rest heldout."""
     if split not in SPLITS:
@@ -198,6 +218,63 @@ PHRASES = {
                  "what should I cook tonight?", "who won the game last night?", "write my essay",
                  "what's a good movie?", "order me a pizza"],
 }
+# Train-only paraphrases: more ways to ask for the same thing, so the model keys on the request and its slot
+# values rather than on a few memorised sentences. Held-out pools above are untouched (a test checks that
+# none of these appears in them).
+TRAIN_ONLY_PHRASES = {
+    "reset_email": ["{email}: password reset please", "I need to reset the password of {email}",
+                    "could you send a password reset to {email}?", "password for {email} is not working, reset it",
+                    "locked out of my mail because I forgot the password ({email})",
+                    "forgot pw, account {email}", "reset the password on {email} for me",
+                    "my email is {email}, please give me a new password"],
+    "reset_id": ["user {user_id}: password reset please", "{user_id} forgot the password",
+                 "could you reset {user_id}'s password?", "password for {user_id} expired",
+                 "send a password reset link for {user_id}", "reset pw for {user_id}",
+                 "id {user_id}, I need a fresh password", "forgot my password, user id {user_id}"],
+    "unlock_email": ["{email} got locked, please unlock", "could you unlock my account? it's {email}",
+                     "locked out, my address is {email}", "unlock the account for {email}",
+                     "the account {email} is locked after wrong passwords", "my login {email} is blocked, unlock it",
+                     "{email}: account locked", "I typed the wrong password too often, {email} is locked now"],
+    "unlock_id": ["user {user_id} is locked", "could you unlock user id {user_id}?", "{user_id}: account locked",
+                  "unlock account id {user_id}", "{user_id} got locked after wrong passwords",
+                  "please remove the lock on {user_id}", "my id is {user_id}, I'm locked out",
+                  "unlock {user_id} please, too many tries"],
+    "lookup": ["find the user id of {email}", "do we have an account for {email}?", "look up {email}",
+               "what account does {email} have?", "search the directory for {email}",
+               "get me the account details for {email}", "which account is {email}?",
+               "I need the user id behind {email}"],
+    "status": ["how is {ticket_id} going?", "check ticket {ticket_id}", "status update for {ticket_id}?",
+               "{ticket_id}: what's the status?", "is there news on {ticket_id}?", "look up ticket {ticket_id}",
+               "what happened with {ticket_id}?", "could you tell me the status of {ticket_id}?"],
+    "escalate": ["{ticket_id} should go to the {team} team because {reason}",
+                 "escalate ticket {ticket_id} to {team}: {reason}",
+                 "please pass {ticket_id} to the {team} team as {reason}",
+                 "could you escalate {ticket_id} to {team}? {reason}",
+                 "{ticket_id} needs escalation to {team}, {reason}",
+                 "send {ticket_id} to the {team} team please, {reason}"],
+    "create": ["ticket please: {title}. {urgency}", "{title}, {urgency}", "reporting a problem: {title}. {urgency}",
+               "could you open a ticket? {title}, {urgency}", "{title} ({urgency})",
+               "issue to report: {title}; {urgency}", "{urgency}. {title}", "my problem: {title}. {urgency}"],
+    "kb": ["how to {topic}?", "what are the steps to {topic}?", "do you have a how-to to {topic}?",
+           "explain how to {topic}", "look in the knowledge base: how to {topic}", "I want to {topic}, how?",
+           "is there an article on how to {topic}?", "instructions to {topic} please"],
+    "kb_n": ["{n} articles on how to {topic} please", "find me {n} how-tos to {topic}",
+             "I need {n} guides on how to {topic}", "top {n} articles: how to {topic}",
+             "show {n} results for how to {topic}", "give me {n} kb articles to {topic}"],
+    "reset_bare": ["my password is not working", "I need a new password", "forgot my password again",
+                   "please reset my password", "password reset please", "can I get a password reset?"],
+    "unlock_bare": ["I am locked out of my account", "unlock my account please", "my login is locked",
+                    "account is blocked after wrong passwords", "could you unlock my account?", "locked out again"],
+    "status_bare": ["how is my ticket going?", "any news on my request?", "what's happening with my ticket?",
+                    "check on my ticket please", "is my support ticket done?", "status update on my ticket?"],
+    "escalate_bare": ["escalate my ticket please", "could you escalate my request?", "my ticket needs escalation",
+                      "please push my ticket up", "I need this escalated", "send my ticket to someone senior"],
+    "give_email": ["{email} please", "it is {email}", "here you go: {email}", "account {email}",
+                   "my address is {email}", "that's {email}"],
+    "give_ticket": ["{ticket_id} please", "it is {ticket_id}", "here: {ticket_id}", "ticket {ticket_id}",
+                    "the id is {ticket_id}", "that's {ticket_id}"],
+}
+
 OPENERS = ["", "", "Hi, ", "Hello, ", "Hey, ", "Good morning, ", "Hi team, ", "Hello there, ", "Hey IT, ",
            "Morning, ", "Greetings, ", "Hiya, "]
 CLOSERS = ["", "", " Thanks!", " Thank you.", " Cheers.", " thx", " Thanks a lot.", " Much appreciated.",
@@ -239,8 +316,17 @@ class _Gen:
     def person(self) -> dict:
         r = self.rng
         first, last, domain = r.choice(self.first), r.choice(self.last), r.choice(self.domains)
+        if self.split == "train" and r.random() < MADE_UP_RATE:
+            first, last = _made_up_name(r), _made_up_name(r)
+            domain = f"{_made_up_name(r).lower()}.{r.choice(MADE_UP_TLDS)}"
         local = r.choice([f"{first}.{last}", f"{first[0]}{last}", f"{first}_{last}", f"{first}{last[0]}"]).lower()
         return {"name": f"{first} {last}", "email": f"{local}@{domain}", "user_id": f"U{r.randint(10000, 99999)}"}
+
+    def topic(self) -> str:
+        r = self.rng
+        if self.split == "train" and r.random() < MADE_UP_RATE:
+            return f"{r.choice(KB_VERBS)} {r.choice(KB_OBJECTS)}"
+        return r.choice(self.topics)
 
     def ticket_id(self) -> str:
         return f"INC-{self.rng.randint(1000, 9999)}"
@@ -253,7 +339,10 @@ class _Gen:
         """A phrasing of `intent` from the split's pool, with typos, casing and politeness varied on the
         template text only, so the slot values (ids, emails, titles) stay exact."""
         r = self.rng
-        text = r.choice(pool(PHRASES[intent], self.split))
+        phrases = pool(PHRASES[intent], self.split)
+        if self.split == "train":
+            phrases = phrases + TRAIN_ONLY_PHRASES.get(intent, [])
+        text = r.choice(phrases)
         if r.random() < 0.15:
             text = _typo(text, r)
         if r.random() < 0.1:
@@ -399,7 +488,7 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
                        lambda a: ({"ticket_id": new_id, "status": "open"},
                                   f"I opened ticket {new_id} ({a['category']}, priority {a['priority']}). "
                                   f"The team will contact you."))]
-    topic = r.choice(g.topics)
+    topic = g.topic()
     args: dict = {"query": topic}
     if kind == "kb_n":
         args["max_results"] = r.randint(1, 5)
@@ -463,7 +552,11 @@ def _tool_set(g: _Gen, needed: list[str]) -> list[dict]:
     r = g.rng
     tools = list(g.all_tools)
     r.shuffle(tools)
-    if r.random() < 0.25:
+    if g.split == "train" and r.random() < 0.4:
+        # shorter prompts for a share of the training set: the trainer sees more conversations per minute
+        keep = set(needed) | {t["function"]["name"] for t in r.sample(tools, r.randint(0, 3))}
+        tools = [t for t in tools if t["function"]["name"] in keep]
+    elif r.random() < 0.25:
         keep = set(needed) | {t["function"]["name"] for t in r.sample(tools, r.randint(2, len(tools)))}
         tools = [t for t in tools if t["function"]["name"] in keep]
     return tools

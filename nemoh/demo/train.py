@@ -214,8 +214,11 @@ def init_weights(model: NemotronHForCausalLM, raw_config: dict) -> None:
                 module.out_proj.weight /= math.sqrt(config.num_hidden_layers)
 
 
-def compute_losses(model: NemotronHForCausalLM, ids: torch.Tensor, mask: torch.Tensor):
-    """ids, mask: (B, T). Returns (lm_loss, mtp_loss or None), means over the target tokens."""
+def compute_losses(model: NemotronHForCausalLM, ids: torch.Tensor, mask: torch.Tensor, mtp_steps: int = 1):
+    """ids, mask: (B, T). Returns (lm_loss, mtp_loss or None), means over the target tokens.
+
+    With `mtp_steps` > 1 the MTP block is also trained as it drafts at k > 1: step j takes token t+j and
+    step j-1's output at t, and predicts t+j+1; mtp_loss is the mean over the steps."""
     b, t = ids.shape
     ctx = ForwardContext.for_full_forward(b, t)
     flat = ids.reshape(-1)
@@ -226,13 +229,15 @@ def compute_losses(model: NemotronHForCausalLM, ids: torch.Tensor, mask: torch.T
     lm_loss = F.cross_entropy(model.compute_logits(hidden[idx]), flat[idx + 1])
     if model.mtp is None:
         return lm_loss, None
-    next_ids = torch.cat([ids[:, 1:], ids.new_full((b, 1), PAD_ID)], dim=1).reshape(-1)
-    mtp_hidden = model.mtp_forward(next_ids, hidden, ctx)                        # (token t+1, h_t) -> t+2
-    pos2 = torch.zeros_like(mask)
-    pos2[:, :-2] = mask[:, 2:]
-    idx2 = pos2.reshape(-1).nonzero().squeeze(1)
-    mtp_loss = F.cross_entropy(model.compute_logits(mtp_hidden[idx2]), flat[idx2 + 2])
-    return lm_loss, mtp_loss
+    losses = []
+    for step in range(1, mtp_steps + 1):
+        shifted = torch.cat([ids[:, step:], ids.new_full((b, step), PAD_ID)], dim=1).reshape(-1)
+        hidden = model.mtp_forward(shifted, hidden, ctx)                         # (token t+j, h) -> t+j+1
+        target = torch.zeros_like(mask)
+        target[:, :-(step + 1)] = mask[:, step + 1:]
+        idx_j = target.reshape(-1).nonzero().squeeze(1)
+        losses.append(F.cross_entropy(model.compute_logits(hidden[idx_j]), flat[idx_j + step + 1]))
+    return lm_loss, sum(losses) / len(losses)
 
 
 class RouterBalancer:
@@ -451,6 +456,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--mtp-steps", type=int, default=2, help="recursive MTP steps trained (drafting depth)")
     p.add_argument("--bias-rate", type=float, default=1e-3, help="router bias update per step (gamma)")
     p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint interval")
     p.add_argument("--log-every", type=int, default=10)
@@ -537,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                     group["lr"] = lr
                 t_step = time.time()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-                    lm_loss, mtp_loss = compute_losses(model, ids, mask)
+                    lm_loss, mtp_loss = compute_losses(model, ids, mask, args.mtp_steps)
                     loss = lm_loss + args.mtp_weight * mtp_loss if mtp_loss is not None else lm_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

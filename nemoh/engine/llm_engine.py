@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FORWARD_FAILURES = 3
 
 
+def _needs_no_processing(seq: Sequence) -> bool:
+    """Greedy with no penalty and min_tokens already reached: the token is the raw logits' argmax."""
+    p = seq.params
+    return (p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and seq.num_output_tokens >= p.min_tokens)
+
+
 class _NoTokenizer:
     """Token-id-only use without tokenizer files: texts stay empty."""
 
@@ -213,6 +220,9 @@ class LLMEngine:
         if r.logits is None:
             return [], s.num_new_tokens
         drafts = seq.draft_token_ids[: s.num_draft_tokens]
+        if r.argmax is not None and _needs_no_processing(seq):
+            tokens = greedy_verify(r.argmax, drafts)
+            return self._accept(r, drafts, tokens)
         output = seq.output_token_ids
         rows = [SamplingRow(seq.params, seq.prompt_token_ids, output + drafts[:j], seq.generator)
                 for j in range(len(drafts) + 1)]
@@ -224,10 +234,15 @@ class LLMEngine:
         else:
             tokens = rejection_sample(self.sampler.probs(logits, rows), drafts, None,
                                       lambda: self.sampler.uniform(rows[0]), lambda p: self.sampler.draw(p, rows[0]))
+        return self._accept(r, drafts, tokens)
+
+    def _accept(self, r: SeqResult, drafts: list[int], tokens: list[int]) -> tuple[list[int], int]:
+        if not drafts:
+            return tokens, r.scheduled.num_new_tokens
         accepted = len(tokens) - 1
         self.spec_stats.record(len(drafts), accepted)
         if accepted < len(drafts):
-            self.runner.rollback_mamba_state(seq, r.intermediate, accepted)
+            self.runner.rollback_mamba_state(r.scheduled.seq, r.intermediate, accepted)
         return tokens, 1 + accepted
 
     def _postprocess(self, r: SeqResult) -> DraftRequest | None:

@@ -31,6 +31,7 @@ class SeqResult:
     hidden: torch.Tensor                # (num_new_tokens, hidden) after norm_f, for the MTP block
     logits: torch.Tensor | None         # (1 + num_drafts, vocab) when the step samples, else None
     intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    argmax: list[int] | None = None     # argmax of each logits row, from one call over the whole batch
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -168,12 +169,15 @@ class ModelRunner:
             spans.append((len(rows), n))
             rows.extend(range(end - n, end))
         logits = self.model.compute_logits(hidden[rows]) if rows else None
+        # one argmax for the batch: greedy requests without logits processing need nothing else
+        argmax = logits.argmax(-1).tolist() if logits is not None else []
         out = []
         for i, s in enumerate(group):
             a, b = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             off, n = spans[i]
             inter = {layer: states[i] for layer, states in ctx.intermediate_states.items()} if save else {}
-            out.append(SeqResult(s, starts[i], hidden[a:b], logits[off:off + n] if n else None, inter))
+            out.append(SeqResult(s, starts[i], hidden[a:b], logits[off:off + n] if n else None, inter,
+                                 argmax[off:off + n] if n else None))
         return out
 
     def rollback_mamba_state(self, seq: Sequence, intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]],

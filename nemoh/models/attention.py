@@ -7,6 +7,7 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
+from nemoh.models.fused import SharedWeight
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -24,19 +25,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self._qkv_weight, self._qkv_bias = SharedWeight(stack=False), SharedWeight(stack=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project_qkv(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         cache = ctx.kv_caches.get(self.layer_idx)
         if cache is None:
             out = self._attend_uncached(q, k, v, ctx)
         else:
             out = self._attend_cached(q, k, v, ctx, cache)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Inference with dense projections: one matmul for q, k and v together (fewer, larger products)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if torch.is_grad_enabled() or any(type(p) is not nn.Linear for p in projs):
+            return tuple(p(x) for p in projs)
+        weight = self._qkv_weight.get([p.weight for p in projs])
+        bias = self._qkv_bias.get([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        return F.linear(x, weight, bias).split([p.out_features for p in projs], dim=-1)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int) -> torch.Tensor:
         """q: (B, q_len, H, D), k/v: (B, kv_len, KVH, D) with kv_len = context_len + q_len."""

@@ -67,6 +67,29 @@ class ForwardContext:
         return [i for i in self.single_token_seqs if self.context_lens[i] > 0]
 
     @cached_property
+    def verify_groups(self) -> list[list[int]]:
+        """Speculative verification: sequences continuing from a cached state, grouped by their number of
+        new tokens, so that Mamba verifies each group in one batched pass."""
+        if not self.save_intermediate_states:
+            return []
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(self.query_lens):
+            if self.context_lens[i] > 0:
+                groups.setdefault(n, []).append(i)
+        return list(groups.values())
+
+    def verify_index(self, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token rows in sequence order, state slots) of one verify group, cached per group."""
+        key = tuple(seqs)
+        cache = self.__dict__.setdefault("_verify_index", {})
+        if key not in cache:
+            device = self.slot_mapping.device if self.slot_mapping is not None else None
+            rows = [r for i in seqs for r in range(self.query_start_loc[i], self.query_start_loc[i + 1])]
+            cache[key] = (torch.tensor(rows, device=device),
+                          torch.tensor([self.state_slots[i] for i in seqs], device=device))
+        return cache[key]
+
+    @cached_property
     def mamba_decode_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token rows, state slots) of `mamba_decode_seqs` as index tensors on the cache device."""
         device = self.slot_mapping.device if self.slot_mapping is not None else None

@@ -112,13 +112,36 @@ class Mamba2Mixer(nn.Module):
     def _forward_cached(self, xbc, dt, A, ctx: ForwardContext, cache, y: torch.Tensor) -> None:
         conv_cache, ssm_cache = cache
         decode_seqs = ctx.mamba_decode_seqs
-        if len(decode_seqs) < ctx.num_seqs:
-            stepped = set(decode_seqs)
+        verify_groups = ctx.verify_groups
+        if len(decode_seqs) + sum(map(len, verify_groups)) < ctx.num_seqs:
+            batched = set(decode_seqs).union(*verify_groups)
             for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
-                if i not in stepped:
+                if i not in batched:
                     self._run_sequence(i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
         if decode_seqs:
             self._decode_batch(xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+        for group in verify_groups:
+            self._verify_batch(group, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+
+    def _verify_batch(self, seqs: list[int], xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
+        """Speculative verification of sequences with the same number of new tokens q, all together,
+        keeping the state after every position for the roll-back."""
+        b, q, k1 = len(seqs), ctx.query_lens[seqs[0]], self.conv_kernel - 1
+        rows, slots = ctx.verify_index(seqs)
+        new = xbc[rows].view(b, q, -1)
+        padded = torch.cat([conv_cache[slots].to(xbc.dtype), new.transpose(1, 2)], dim=2)      # (b, c, k-1+q)
+        conv = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)     # 2.
+        x, B, C = self._split_xbc(F.silu(conv.transpose(1, 2)))
+        out, states = ssd_steps(ssm_cache[slots], x, dt[rows].view(b, q, -1), A, B, C)           # 4.
+        y[rows] = (out + self.D.float()[:, None] * x.float()).view(b * q, self.num_heads, self.head_dim)
+        # conv state after position j = the k-1 inputs ending at j
+        conv_states = padded.unfold(2, k1, 1)[:, :, 1:].transpose(1, 2).to(conv_cache.dtype)    # (b, q, c, k-1)
+        states = states.to(ssm_cache.dtype)
+        saved = ctx.intermediate_states.setdefault(self.layer_idx, {})
+        for j, i in enumerate(seqs):
+            saved[i] = (conv_states[j], states[j])
+        conv_cache[slots] = conv_states[:, -1]
+        ssm_cache[slots] = states[:, -1]
 
     def _run_sequence(self, i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
         slot = ctx.state_slots[i]
