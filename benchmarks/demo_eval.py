@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from nemoh import LLM, SamplingParams
+from nemoh.cli import DEMO_CPU_DTYPE
 from nemoh.chat.output_parser import ChatOutputParser
 from nemoh.chat.template import ChatTemplate
 from nemoh.demo.corpus import generate, render
@@ -68,10 +69,12 @@ def run_accuracy(model_dir: Path, prompts: list[str], max_tokens: int) -> list[s
     return [o.outputs[0].text for o in outs]
 
 
-def run_speed(model_dir: Path, prompts: list[str], k: int, max_tokens: int) -> dict[str, float]:
+def run_speed(model_dir: Path, prompts: list[str], k: int, max_tokens: int, dtype: str) -> dict[str, float]:
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    llm = LLM(model_dir, dtype="bfloat16", max_num_seqs=1, speculative_config=spec)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm = LLM(model_dir, dtype=dtype, max_num_seqs=1, speculative_config=spec)
+    # replies end at their own eos (as served), so acceptance is measured on real replies, not on the
+    # text a model rambles on with after it would have stopped
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.generate(prompts[:1], params)                        # warm-up, excluded
     stats = llm.engine.spec_stats
     stats.num_drafted = stats.num_accepted = stats.num_verifications = 0
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--formats", default="bf16,fp8,nvfp4")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--speed-dtype", default=DEMO_CPU_DTYPE,
+                    help="compute dtype of the MTP speed table (default: what `nemoh serve` uses for the demo on CPU)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     examples = generate("heldout", args.n, seed=args.seed)
@@ -124,11 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{metric:18}" + "".join(f"{results[f][metric]:9.1f}%" for f in formats))
 
     speed_prompts = prompts_for(generate("heldout", args.speed_n, seed=args.seed + 1), args.model)
-    print(f"\nMTP speculative decoding, single stream, BF16, greedy, {args.speed_n} prompts x 64 tokens")
+    print(f"\nMTP speculative decoding, single stream, BF16 weights computed in {args.speed_dtype}, greedy, "
+          f"{args.speed_n} held-out prompts, "
+          f"whole replies (up to {args.max_tokens} tokens)")
     print(f"{'k':>3} {'acceptance':>11} {'tokens/step':>12} {'decode tok/s':>13} {'speed-up':>9}")
     base = None
     for k in (0, 1, 2, 3):
-        r = run_speed(args.model, speed_prompts, k, 64)
+        r = run_speed(args.model, speed_prompts, k, args.max_tokens, args.speed_dtype)
         base = base or r["tok/s"]
         acc = f"{r['acceptance']:.3f}" if k else "-"
         steps = f"{r['tokens/step']:.2f}" if k else "1.00"

@@ -4,7 +4,8 @@
 
 The checkpoint (~70M parameters; every layer type, latent MoE with grouped routing) is written once with
 `transformers.NemotronHForCausalLM(config).save_pretrained`, random weights under a fixed seed. Each side
-runs in its own child process (so that peak RSS is its own), warm-up excluded, float32 on CPU, and reports:
+runs in its own child process (so that peak RSS is its own), warm-up excluded, on CPU, once per dtype
+(float32 and bfloat16 by default; both sides always in the same dtype), and reports:
 
 - single-stream decode tokens/s: (tokens(N) - tokens(1)) / (time(N) - time(1)) for one greedy request;
 - throughput for R concurrent requests (P-token prompts, G new tokens each), in generated tokens/s;
@@ -138,7 +139,8 @@ def run_hf(path: str, s: dict, dtype: str) -> dict:
         tp = timed(lambda: model(torch.tensor(long), logits_to_keep=1))
     best = max(padded_tps, sequential_tps)
     how = (f"padded batch ({padded_tps:.0f}) vs sequential ({sequential_tps:.0f}, {k} reqs): "
-           f"{'padded' if padded_tps >= sequential_tps else 'sequential'}")
+           f"{'padded' if padded_tps >= sequential_tps else 'sequential'}; experts implementation "
+           f"{model.config._experts_implementation!r}, attention {model.config._attn_implementation!r}")
     return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=best, batch_how=how, prefill_tps=s["prefill"] / tp)
 
 
@@ -158,25 +160,31 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a couple of minutes)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nemoh-bench-ckpt"))
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides use it")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32", "bfloat16"],
+                    help="one table per dtype; both sides use it")
     ap.add_argument("--side", choices=["nemoh", "hf"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = "quick" if args.quick else "full"
     if args.side:
-        child(args.side, args.dir, size, args.threads, args.dtype)
+        child(args.side, args.dir, size, args.threads, args.dtype[0])
         return
     build_checkpoint(args.dir)
+    for dtype in args.dtype:
+        compare(args, size, dtype)
+
+
+def compare(args, size: str, dtype: str) -> None:
     results = {}
     for side in ("nemoh", "hf"):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--dir", args.dir,
-               "--threads", str(args.threads), "--dtype", args.dtype] + (["--quick"] if args.quick else [])
+               "--threads", str(args.threads), "--dtype", dtype] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"{side} run failed:\n{proc.stderr[-4000:]}")
         results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     s = SIZES[size]
     n, h = results["nemoh"], results["hf"]
-    print(f"\nnemoh vs HF transformers {__import__('transformers').__version__}, {args.dtype}, CPU, {args.threads} threads, "
+    print(f"\nnemoh vs HF transformers {__import__('transformers').__version__}, {dtype}, CPU, {args.threads} threads, "
           f"random checkpoint: pattern {CONFIG['hybrid_override_pattern']}, hidden {CONFIG['hidden_size']}, "
           f"vocab {CONFIG['vocab_size']}, {CONFIG['n_routed_experts']} experts top-{CONFIG['num_experts_per_tok']} "
           f"latent {CONFIG['moe_latent_size']}")

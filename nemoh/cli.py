@@ -18,7 +18,10 @@ from typing import Any
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 # The bundled demo model is served with everything on: tool calls (auto) and MTP speculative decoding.
-DEMO_SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 1}
+DEMO_SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 3}
+# The demo model is tiny: on a CPU its decode is bound by per-operator cost, and oneDNN's small bfloat16
+# products cost more than float32 ones (benchmarks/demo_eval.py: 7.1 vs 10.8 ms per token, 2-core CPU).
+DEMO_CPU_DTYPE = "float32"
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 PASS_THROUGH = ("quantize", "train", "bench")
 
@@ -203,6 +206,8 @@ def run_serve(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
     if args.model is None:
         kwargs.setdefault("speculative_config", DEMO_SPECULATIVE_CONFIG)
+        if kwargs["dtype"] == "auto" and kwargs["device"] == "cpu":
+            kwargs["dtype"] = DEMO_CPU_DTYPE
     engine = build_engine(model_dir, kwargs)
     holder: dict[str, Any] = {}
 

@@ -135,7 +135,14 @@ KB_OBJECTS = ["the shared printer", "my VPN profile", "a distribution list", "my
 
 
 def _made_up_name(r: random.Random) -> str:
-    return "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
+    """A capitalised 2-3 syllable word that is not one of the real names or domains of either split."""
+    while True:
+        word = "".join(r.choice(SYLLABLES) for _ in range(r.randint(2, 3))).capitalize()
+        if word not in _REAL_WORDS:
+            return word
+
+
+_REAL_WORDS = set(FIRST_NAMES) | set(LAST_NAMES) | {d.split(".")[0].capitalize() for d in DOMAINS}
 
 
 def pool(items: list, split: str) -> list:

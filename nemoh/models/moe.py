@@ -63,6 +63,7 @@ class LatentMoE(nn.Module):
             self.fc1_latent_proj = nn.Linear(config.hidden_size, self.latent_size, bias=config.mlp_bias)
             self.fc2_latent_proj = nn.Linear(self.latent_size, config.hidden_size, bias=config.mlp_bias)
         self._up, self._down = SharedWeight(stack=True), SharedWeight(stack=True)
+        self._cached_projections: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
@@ -90,9 +91,22 @@ class LatentMoE(nn.Module):
         out = torch.zeros(num_tokens, pair_out.shape[1], dtype=torch.float32, device=u.device)
         return out.index_add_(0, token_of_pair, pair_out).to(u.dtype)
 
+    def _projections(self) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...], bool]:
+        """(up modules, down modules, whether all are dense nn.Linear without bias), cached: looking them up
+        through nn.Module attributes costs more than a small expert's matmul. Rebuilt when the modules are
+        swapped (quantization replaces them)."""
+        cached = self._cached_projections
+        first, last = self.experts[0], self.experts[-1]
+        if cached is None or cached[0][0] is not first.up_proj or cached[1][-1] is not last.down_proj:
+            ups = tuple(e.up_proj for e in self.experts)
+            downs = tuple(e.down_proj for e in self.experts)
+            plain = all(type(p) is nn.Linear and p.bias is None for p in ups + downs)
+            self._cached_projections = cached = (ups, downs, plain)
+        return cached
+
     def _plain_experts(self) -> bool:
         """Dense experts without bias: their weights stack into one tensor per projection."""
-        return all(type(p) is nn.Linear and p.bias is None for e in self.experts for p in (e.up_proj, e.down_proj))
+        return self._projections()[2]
 
     def _grouped_experts(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert in one grouped matmul per projection. On this project's 2-core CPU, 128 (token,
@@ -101,8 +115,9 @@ class LatentMoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_grad_enabled():
             # stacked afresh so that the gradients reach each expert's own parameter
-            up = torch.stack([e.up_proj.weight for e in self.experts])
-            down = torch.stack([e.down_proj.weight for e in self.experts])
+            ups, downs, _ = self._projections()
+            up = torch.stack([p.weight for p in ups])
+            down = torch.stack([p.weight for p in downs])
         else:
             up, down = self._stacked_weights()
         hidden = relu2(F.grouped_mm(inputs, up.to(inputs.dtype).transpose(1, 2), offs=offs))
@@ -110,8 +125,8 @@ class LatentMoE(nn.Module):
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E, I, L) and (E, L, I): every expert's up / down weight in one tensor each (no extra copy)."""
-        return (self._up.get([e.up_proj.weight for e in self.experts]),
-                self._down.get([e.down_proj.weight for e in self.experts]))
+        ups, downs, _ = self._projections()
+        return self._up.get([p.weight for p in ups]), self._down.get([p.weight for p in downs])
 
     def _looped_experts(self, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Quantized experts (NVFP4 / FP8 modules): one call per expert that has pairs."""

@@ -33,6 +33,6 @@ class GatedGroupRMSNorm(nn.Module):
         dtype = y.dtype
         y = y.float() * F.silu(z.float())
         shape = y.shape
-        y = y.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = F.rms_norm(y.view(*shape[:-1], shape[-1] // self.group_size, self.group_size), (self.group_size,),
+                       eps=self.eps)
         return self.weight * y.view(shape).to(dtype)

@@ -191,3 +191,24 @@ def test_cli(tmp_path):
     out = tmp_path / "h.jsonl"
     corpus.main(["--split", "heldout", "--n", "3", "--seed", "7", "--out", str(out)])
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_train_only_phrasings_stay_out_of_heldout():
+    for intent, extra in corpus.TRAIN_ONLY_PHRASES.items():
+        assert intent in corpus.PHRASES, intent
+        assert not set(extra) & set(corpus.pool(corpus.PHRASES[intent], "heldout")), intent
+
+
+def test_made_up_entities_only_in_train(train, heldout):
+    """Half the training people are invented from syllables; held-out people all come from the held-out pools."""
+    def emails(examples):
+        return {a["email"] for e in examples for a in [e.expected.get("arguments", {})] if "email" in a}
+    pooled = set(corpus.pool(corpus.DOMAINS, "train"))
+    train_emails = emails(train)
+    invented = {m for m in train_emails if m.split("@")[1] not in pooled}
+    assert 0.2 < len(invented) / len(train_emails) < 0.9
+    held_domains = set(corpus.pool(corpus.DOMAINS, "heldout"))
+    assert all(m.split("@")[1] in held_domains for m in emails(heldout))
+    real = set(corpus.FIRST_NAMES) | set(corpus.LAST_NAMES)
+    rng = __import__("random").Random(0)
+    assert not {corpus._made_up_name(rng) for _ in range(2000)} & real

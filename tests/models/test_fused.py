@@ -1,0 +1,86 @@
+"""Inference fast paths against their plain counterparts: shared weight storage, grouped expert matmuls,
+fused q/k/v, closed-form multi-step SSD."""
+import copy
+
+import torch
+from torch import nn
+
+from nemoh.config import NemotronHConfig
+from nemoh.models.attention import Attention
+from nemoh.models.forward_context import ForwardContext
+from nemoh.models.fused import SharedWeight
+from nemoh.models.moe import LatentMoE
+from nemoh.models.ssd import ssd_step, ssd_steps
+
+CONFIG = dict(model_type="nemotron_h", vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
+              n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, moe_latent_size=12,
+              moe_shared_expert_intermediate_size=24, n_group=1, topk_group=1)
+
+
+def test_shared_weight_repoints_parameters_and_rebuilds_after_a_move():
+    layers = [nn.Linear(4, n, bias=False) for n in (3, 5, 2)]
+    before = [l.weight.detach().clone() for l in layers]
+    shared = SharedWeight(stack=False)
+    whole = shared.get([l.weight for l in layers])
+    assert torch.equal(whole, torch.cat(before))
+    for l, b in zip(layers, before):   # the parameters now live inside `whole`, values unchanged
+        assert torch.equal(l.weight, b)
+        assert whole.data_ptr() <= l.weight.data_ptr() < whole.data_ptr() + whole.numel() * 4
+    with torch.no_grad():
+        layers[1].weight.mul_(2)       # an in-place update is seen through the shared tensor
+    assert torch.equal(shared.get([l.weight for l in layers])[3:8], before[1] * 2)
+    layers[0].weight.data = layers[0].weight.data.clone() + 1      # storage replaced: rebuilt
+    assert torch.equal(shared.get([l.weight for l in layers])[:3], before[0] + 1)
+
+
+def test_grouped_experts_match_one_matmul_per_expert():
+    torch.manual_seed(0)
+    moe = LatentMoE(NemotronHConfig.from_dict(CONFIG), 2)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(11, 32)
+    with torch.no_grad():
+        weights, ids = moe.gate(x)
+        u = moe.fc1_latent_proj(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=8)
+        grouped = moe._grouped_experts(u[order // 3], counts)
+        looped = moe._looped_experts(u[order // 3], counts.tolist())
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+    # training: gradients reach every used expert's own parameter
+    moe(x).sum().backward()
+    used = set(ids.reshape(-1).tolist())
+    for e in range(8):
+        grad = moe.experts[e].up_proj.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == (e in used)
+
+
+def test_fused_qkv_matches_separate_projections():
+    torch.manual_seed(0)
+    attn = Attention(NemotronHConfig.from_dict({**CONFIG, "attention_bias": True}), 1)
+    plain = copy.deepcopy(attn)
+    x = torch.randn(2 * 5, 32)
+    ctx = ForwardContext.for_full_forward(2, 5)
+    with torch.no_grad():
+        want = torch.cat([p(x) for p in (plain.q_proj, plain.k_proj, plain.v_proj)], dim=-1)
+        got = torch.cat(attn._project_qkv(x), dim=-1)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(attn(x, ctx), plain.forward(x, ctx))
+
+
+def test_closed_form_steps_match_the_recurrence():
+    torch.manual_seed(0)
+    b, t, h, p, n, g = 3, 4, 8, 16, 32, 2
+    state, x = torch.randn(b, h, p, n), torch.randn(b, t, h, p)
+    dt, A = torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4
+    B, C = torch.randn(b, t, g, n), torch.randn(b, t, g, n)
+    y, states = ssd_steps(state, x, dt, A, B, C)
+    s, ys, want = state.clone(), [], []
+    for i in range(t):
+        out, s = ssd_step(s, x[:, i], dt[:, i], A, B[:, i], C[:, i])
+        ys.append(out)
+        want.append(s)
+    torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states, torch.stack(want, 1), rtol=1e-5, atol=1e-5)
