@@ -145,12 +145,13 @@ class TicketResult:
     expected_tools: set[str] = field(default_factory=set)
     turns: int = 0
     tool_calls: list[str] = field(default_factory=list)
+    succeeded: list[str] = field(default_factory=list)     # calls the backends accepted (no error, found)
     answer: str | None = None
     error: str | None = None
 
     @property
     def resolved(self) -> bool:
-        return self.answer is not None and self.expected_tools <= set(self.tool_calls)
+        return self.answer is not None and self.expected_tools <= set(self.succeeded)
 
 
 def _short(text: str | None, width: int = 100) -> str:
@@ -187,6 +188,8 @@ def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backe
         for call in calls:
             output = backends.call(call.function.name, call.function.arguments)
             result.tool_calls.append(call.function.name)
+            if not (output.get("ok") is False or output.get("found") is False or "error" in output):
+                result.succeeded.append(call.function.name)
             log(f"  [tool] {call.function.name}({call.function.arguments}) -> {json.dumps(output)}")
             messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(output)})
     result.error = f"no final answer after {max_turns} turns"
@@ -203,7 +206,8 @@ def print_summary(results: list[TicketResult], backends: Backends) -> None:
         print(f"{i:>2}  {r.turns:>5}  {_short(calls, 45):<45}  {answered:<9} {'yes' if r.resolved else 'no'}")
     answered = sum(r.answer is not None for r in results)
     resolved = sum(r.resolved for r in results)
-    print(f"\n{resolved}/{len(results)} tickets resolved (expected tools called and a final answer), "
+    print(f"\n{resolved}/{len(results)} tickets resolved (the expected tools called with arguments the backends accepted, "
+          f"and a final answer), "
           f"{answered} answered, {sum(len(r.tool_calls) for r in results)} tool calls")
     print("backend actions: " + ("; ".join(backends.actions) or "none"))
 

@@ -113,9 +113,13 @@ def ssd_steps(
     state: (b, h, p, n), x: (b, t, h, p), dt: (b, t, h), B/C: (b, t, g, n).
     Returns y (b, t, h, p) and states (b, t, h, p, n): the state after each position.
 
-    All positions at once rather than t sequential steps (verification is overhead-bound, and t is small):
+    Small states (all t of them within ~256 KiB): every position at once, which is fewer operators —
     with c = cumsum(dt * A), h_t = exp(c_t) h_0 + sum_{s <= t} exp(c_t - c_s) dt_s x_s B_sᵀ, y_t = h_t C_t.
+    Larger ones: one in-place step per position, which moves less memory (measured on this project's CPU:
+    8x32x32 states, t=4: 271 vs 350 us; 16x64x64: 1079 vs 617 us).
     """
+    if state[0].numel() * x.shape[1] * 4 > 256 * 1024:
+        return _sequential_steps(state, x, dt, A, B, C)
     with torch.autocast(x.device.type, enabled=False):
         num_heads = x.shape[2]
         steps = x.shape[1]
@@ -130,3 +134,14 @@ def ssd_steps(
         states = torch.einsum("btsh,bshp,bshn->bthpn", decay, xdt, Bh)
         states = states + torch.exp(cum)[..., None, None] * state.float()[:, None]
         return torch.einsum("bthpn,bthn->bthp", states, Ch), states
+
+
+def _sequential_steps(state, x, dt, A, B, C) -> tuple[torch.Tensor, torch.Tensor]:
+    bsz, steps = x.shape[:2]
+    current = state.float().clone()
+    states = current.new_empty(bsz, steps, *current.shape[1:])
+    ys = []
+    for i in range(steps):
+        ys.append(ssd_step_(current, x[:, i], dt[:, i], A, B[:, i], C[:, i]))
+        states[:, i] = current
+    return torch.stack(ys, 1), states

@@ -84,3 +84,22 @@ def test_closed_form_steps_match_the_recurrence():
         want.append(s)
     torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(states, torch.stack(want, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_large_state_steps_match_the_recurrence():
+    """Past ~256 KiB of states ssd_steps switches to in-place sequential steps: same results."""
+    torch.manual_seed(1)
+    b, t, h, p, n, g = 2, 4, 16, 32, 64, 2
+    state, x = torch.randn(b, h, p, n), torch.randn(b, t, h, p)
+    dt, A = torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4
+    B, C = torch.randn(b, t, g, n), torch.randn(b, t, g, n)
+    before = state.clone()
+    y, states = ssd_steps(state, x, dt, A, B, C)
+    assert torch.equal(state, before)                      # the caller's state is not touched
+    s, ys, want = state.clone(), [], []
+    for i in range(t):
+        out, s = ssd_step(s, x[:, i], dt[:, i], A, B[:, i], C[:, i])
+        ys.append(out)
+        want.append(s)
+    torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(states, torch.stack(want, 1), rtol=1e-5, atol=1e-5)
