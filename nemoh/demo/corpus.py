@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -350,6 +351,8 @@ class _Gen:
         if self.split == "train":
             phrases = phrases + TRAIN_ONLY_PHRASES.get(intent, [])
         text = r.choice(phrases)
+        if self.split == "train" and r.random() < SYNONYM_RATE:
+            text = _swap_synonyms(text, r)
         if r.random() < 0.15:
             text = _typo(text, r)
         if r.random() < 0.1:
@@ -364,6 +367,24 @@ class _Gen:
     def tool_call(self, name: str, arguments: dict) -> dict:
         return {"id": self.call_id(), "type": "function",
                 "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+# Train-only word swaps: the same requests in other words, so that a request is recognised by its meaning
+# rather than by the exact words of the training phrasings.
+SYNONYM_RATE = 0.3
+SYNONYMS = {"password": ["passcode", "pw", "login password"], "locked": ["blocked", "frozen"],
+            "ticket": ["case", "request", "incident"], "reset": ["renew", "change"],
+            "account": ["login", "user account"], "please": ["pls", "kindly"], "help": ["assist", "support"],
+            "articles": ["docs", "guides"], "escalate": ["raise", "bump"], "status": ["progress", "state"],
+            "unlock": ["unblock", "release"], "can you": ["could you", "would you"],
+            "how do I": ["how would I", "what's the way to"], "need": ["want", "require"]}
+
+
+def _swap_synonyms(text: str, r: random.Random) -> str:
+    for word, alternatives in SYNONYMS.items():
+        if r.random() < 0.5:
+            text = re.sub(rf"\b{re.escape(word)}\b", lambda m: r.choice(alternatives), text)
+    return text
 
 
 def _typo(text: str, r: random.Random) -> str:

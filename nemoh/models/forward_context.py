@@ -78,15 +78,17 @@ class ForwardContext:
                 groups.setdefault(n, []).append(i)
         return list(groups.values())
 
-    def verify_index(self, seqs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token rows in sequence order, state slots) of one verify group, cached per group."""
+    def verify_index(self, seqs: list[int]) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
+        """(token rows in sequence order, state slots) of one verify group, cached per group: slices where
+        they are consecutive (a view costs nothing; an index tensor copies), index tensors otherwise."""
         key = tuple(seqs)
         cache = self.__dict__.setdefault("_verify_index", {})
         if key not in cache:
             device = self.slot_mapping.device if self.slot_mapping is not None else None
             rows = [r for i in seqs for r in range(self.query_start_loc[i], self.query_start_loc[i + 1])]
-            cache[key] = (torch.tensor(rows, device=device),
-                          torch.tensor([self.state_slots[i] for i in seqs], device=device))
+            slots = [self.state_slots[i] for i in seqs]
+            cache[key] = tuple(slice(v[0], v[-1] + 1) if v == list(range(v[0], v[-1] + 1))
+                               else torch.tensor(v, device=device) for v in (rows, slots))
         return cache[key]
 
     @cached_property
