@@ -86,6 +86,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def apply_demo_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`nemoh serve` without MODEL: MTP on, and float32 compute on a CPU unless --dtype names one."""
+    kwargs.setdefault("speculative_config", DEMO_SPECULATIVE_CONFIG)
+    if kwargs["dtype"] == "auto" and kwargs["device"] == "cpu":
+        kwargs["dtype"] = DEMO_CPU_DTYPE
+    return kwargs
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.tensor_parallel_size != 1:
         raise CLIError("--tensor-parallel-size: nemoh runs on one device; only 1 is supported")
@@ -206,9 +214,7 @@ def run_serve(args: argparse.Namespace) -> int:
     template = _chat_template(model_dir, args.chat_template)
     kwargs = engine_kwargs(args)
     if args.model is None:
-        kwargs.setdefault("speculative_config", DEMO_SPECULATIVE_CONFIG)
-        if kwargs["dtype"] == "auto" and kwargs["device"] == "cpu":
-            kwargs["dtype"] = DEMO_CPU_DTYPE
+        apply_demo_defaults(kwargs)
     engine = build_engine(model_dir, kwargs)
     holder: dict[str, Any] = {}
 

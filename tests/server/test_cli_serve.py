@@ -126,3 +126,14 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_defaults_mtp_and_float32_on_cpu():
+    from nemoh.cli import DEMO_CPU_DTYPE, DEMO_SPECULATIVE_CONFIG, apply_demo_defaults
+
+    cpu = apply_demo_defaults({"dtype": "auto", "device": "cpu"})
+    assert cpu["dtype"] == DEMO_CPU_DTYPE == "float32" and cpu["speculative_config"] == DEMO_SPECULATIVE_CONFIG
+    assert apply_demo_defaults({"dtype": "bfloat16", "device": "cpu"})["dtype"] == "bfloat16"   # --dtype wins
+    assert apply_demo_defaults({"dtype": "auto", "device": "cuda"})["dtype"] == "auto"
+    no_mtp = apply_demo_defaults({"dtype": "auto", "device": "cpu", "speculative_config": None})
+    assert no_mtp["speculative_config"] is None                                                # flag wins
