@@ -76,14 +76,7 @@ def test_closed_form_steps_match_the_recurrence():
     state, x = torch.randn(b, h, p, n), torch.randn(b, t, h, p)
     dt, A = torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4
     B, C = torch.randn(b, t, g, n), torch.randn(b, t, g, n)
-    y, states = ssd_steps(state, x, dt, A, B, C)
-    s, ys, want = state.clone(), [], []
-    for i in range(t):
-        out, s = ssd_step(s, x[:, i], dt[:, i], A, B[:, i], C[:, i])
-        ys.append(out)
-        want.append(s)
-    torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(states, torch.stack(want, 1), rtol=1e-5, atol=1e-5)
+    _assert_matches_recurrence(ssd_steps(state, x, dt, A, B, C), state, x, dt, A, B, C)
 
 
 def test_large_state_steps_match_the_recurrence():
@@ -94,12 +87,17 @@ def test_large_state_steps_match_the_recurrence():
     dt, A = torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4
     B, C = torch.randn(b, t, g, n), torch.randn(b, t, g, n)
     before = state.clone()
-    y, states = ssd_steps(state, x, dt, A, B, C)
+    result = ssd_steps(state, x, dt, A, B, C)
     assert torch.equal(state, before)                      # the caller's state is not touched
+    _assert_matches_recurrence(result, state, x, dt, A, B, C)
+
+
+def _assert_matches_recurrence(result, state, x, dt, A, B, C):
+    """ssd_steps' (y, states) against one ssd_step per position."""
     s, ys, want = state.clone(), [], []
-    for i in range(t):
+    for i in range(x.shape[1]):
         out, s = ssd_step(s, x[:, i], dt[:, i], A, B[:, i], C[:, i])
         ys.append(out)
         want.append(s)
-    torch.testing.assert_close(y, torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(states, torch.stack(want, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result[0], torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result[1], torch.stack(want, 1), rtol=1e-5, atol=1e-5)
