@@ -83,7 +83,7 @@ class LatentMoE(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         token_of_pair = order // top_k
         inputs = u[token_of_pair]                                     # (num_tokens * k, width), expert-sorted
-        if self._plain_experts():
+        if self._projections()[2]:
             pair_out = self._grouped_experts(inputs, counts)
         else:
             pair_out = self._looped_experts(inputs, counts.tolist())
@@ -103,10 +103,6 @@ class LatentMoE(nn.Module):
             plain = all(type(p) is nn.Linear and p.bias is None for p in ups + downs)
             self._cached_projections = cached = (ups, downs, plain)
         return cached
-
-    def _plain_experts(self) -> bool:
-        """Dense experts without bias: their weights stack into one tensor per projection."""
-        return self._projections()[2]
 
     def _grouped_experts(self, inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert in one grouped matmul per projection. On this project's 2-core CPU, 128 (token,
@@ -130,10 +126,10 @@ class LatentMoE(nn.Module):
 
     def _looped_experts(self, inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Quantized experts (NVFP4 / FP8 modules): one call per expert that has pairs."""
+        ups, downs, _ = self._projections()
         outputs, start = [], 0
-        for expert_id, count in enumerate(counts):
+        for up, down, count in zip(ups, downs, counts):
             if count:
-                expert = self.experts[expert_id]
-                outputs.append(expert.down_proj(relu2(expert.up_proj(inputs[start:start + count]))))
+                outputs.append(down(relu2(up(inputs[start:start + count]))))
                 start += count
         return torch.cat(outputs)

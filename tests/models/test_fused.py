@@ -72,24 +72,18 @@ def test_fused_qkv_matches_separate_projections():
 
 def test_closed_form_steps_match_the_recurrence():
     torch.manual_seed(0)
-    b, t, h, p, n, g = 3, 4, 8, 16, 32, 2
-    state, x = torch.randn(b, h, p, n), torch.randn(b, t, h, p)
-    dt, A = torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4
-    B, C = torch.randn(b, t, g, n), torch.randn(b, t, g, n)
-    _assert_matches_recurrence(ssd_steps(state, x, dt, A, B, C), state, x, dt, A, B, C)
+    inputs = _scan_inputs(b=3, t=4, h=8, p=16, n=32, g=2)
+    _assert_matches_recurrence(ssd_steps(*inputs), *inputs)
 
 
 def test_large_state_steps_match_the_recurrence():
     """Past ~256 KiB of states ssd_steps switches to in-place sequential steps: same results."""
     torch.manual_seed(1)
-    b, t, h, p, n, g = 2, 4, 16, 32, 64, 2
-    state, x = torch.randn(b, h, p, n), torch.randn(b, t, h, p)
-    dt, A = torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4
-    B, C = torch.randn(b, t, g, n), torch.randn(b, t, g, n)
-    before = state.clone()
-    result = ssd_steps(state, x, dt, A, B, C)
-    assert torch.equal(state, before)                      # the caller's state is not touched
-    _assert_matches_recurrence(result, state, x, dt, A, B, C)
+    inputs = _scan_inputs(b=2, t=4, h=16, p=32, n=64, g=2)
+    before = inputs[0].clone()
+    result = ssd_steps(*inputs)
+    assert torch.equal(inputs[0], before)                  # the caller's state is not touched
+    _assert_matches_recurrence(result, *inputs)
 
 
 def _assert_matches_recurrence(result, state, x, dt, A, B, C):
@@ -101,3 +95,9 @@ def _assert_matches_recurrence(result, state, x, dt, A, B, C):
         want.append(s)
     torch.testing.assert_close(result[0], torch.stack(ys, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result[1], torch.stack(want, 1), rtol=1e-5, atol=1e-5)
+
+
+def _scan_inputs(b, t, h, p, n, g):
+    """(state, x, dt, A, B, C) for `b` sequences of `t` steps, `h` heads in `g` groups."""
+    return (torch.randn(b, h, p, n), torch.randn(b, t, h, p), torch.rand(b, t, h) * 0.1, -torch.rand(h) * 4,
+            torch.randn(b, t, g, n), torch.randn(b, t, g, n))
