@@ -96,8 +96,22 @@ class Attention(nn.Module):
         batched = ctx.single_token_seqs
         if batched:
             self._attend_decode_batch(q, ctx, k_cache, v_cache, (k_scale, v_scale) if quantized else None, out)
+        done = set()
+        for group in ctx.prefill_groups:
+            # fresh prompts of one length see only their own new keys: one causal SDPA for the group, on
+            # the keys as they were written (rounded through the cache dtype, as a cache read returns them)
+            rows, _ = ctx.group_index(group)
+            b, t = len(group), ctx.query_lens[group[0]]
+            keys, values = flat_k[ctx.slot_mapping[rows]], flat_v[ctx.slot_mapping[rows]]
+            if quantized:
+                keys, values = keys.to(q.dtype) * k_scale, values.to(q.dtype) * v_scale
+            else:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            out[rows] = self._sdpa(q[rows].view(b, t, *q.shape[1:]), keys.view(b, t, *keys.shape[1:]),
+                                   values.view(b, t, *values.shape[1:]), 0).reshape(b * t, *q.shape[1:])
+            done.update(group)
         for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
-            if e - s == 1:
+            if e - s == 1 or i in done:
                 continue
             context_len = ctx.context_lens[i]
             kv_len = context_len + (e - s)

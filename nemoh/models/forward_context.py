@@ -78,11 +78,22 @@ class ForwardContext:
                 groups.setdefault(n, []).append(i)
         return list(groups.values())
 
-    def verify_index(self, seqs: list[int]) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
-        """(token rows in sequence order, state slots) of one verify group, cached per group: slices where
-        they are consecutive (a view costs nothing; an index tensor copies), index tensors otherwise."""
+    @cached_property
+    def prefill_groups(self) -> list[list[int]]:
+        """Sequences starting from empty caches with the same number (> 1) of new tokens, two or more of them
+        (a batch of equal prompts): Mamba scans and attention attends each group in one batched pass instead
+        of one sequence at a time."""
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(self.query_lens):
+            if n > 1 and self.context_lens[i] == 0:
+                groups.setdefault(n, []).append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def group_index(self, seqs: list[int]) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
+        """(token rows in sequence order, state slots) of a verify or prefill group, cached per group: slices
+        where they are consecutive (a view costs nothing; an index tensor copies), index tensors otherwise."""
         key = tuple(seqs)
-        cache = self.__dict__.setdefault("_verify_index", {})
+        cache = self.__dict__.setdefault("_group_index", {})
         if key not in cache:
             device = self.slot_mapping.device if self.slot_mapping is not None else None
             rows = [r for i in seqs for r in range(self.query_start_loc[i], self.query_start_loc[i + 1])]

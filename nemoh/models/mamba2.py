@@ -113,8 +113,10 @@ class Mamba2Mixer(nn.Module):
         conv_cache, ssm_cache = cache
         decode_seqs = ctx.mamba_decode_seqs
         verify_groups = ctx.verify_groups
-        if len(decode_seqs) + sum(map(len, verify_groups)) < ctx.num_seqs:
-            batched = set(decode_seqs).union(*verify_groups)
+        prefill_groups = [] if ctx.save_intermediate_states else ctx.prefill_groups
+        grouped = verify_groups + prefill_groups
+        if len(decode_seqs) + sum(map(len, grouped)) < ctx.num_seqs:
+            batched = set(decode_seqs).union(*grouped)
             for i, (s, e) in enumerate(zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:])):
                 if i not in batched:
                     self._run_sequence(i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
@@ -122,12 +124,26 @@ class Mamba2Mixer(nn.Module):
             self._decode_batch(xbc, dt, A, ctx, conv_cache, ssm_cache, y)
         for group in verify_groups:
             self._verify_batch(group, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+        for group in prefill_groups:
+            self._prefill_batch(group, xbc, dt, A, ctx, conv_cache, ssm_cache, y)
+
+    def _prefill_batch(self, seqs: list[int], xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
+        """Fresh sequences with the same number of new tokens t: one conv and one chunked scan for all."""
+        b, t, k1 = len(seqs), ctx.query_lens[seqs[0]], self.conv_kernel - 1
+        rows, slots = ctx.group_index(seqs)
+        new = xbc[rows].view(b, t, -1).transpose(1, 2)                                           # (b, c, t)
+        conv = F.conv1d(new, self.conv1d.weight, self.conv1d.bias, padding=k1, groups=self.conv_dim)[..., :t]
+        out, final = self._scan(F.silu(conv.transpose(1, 2)), dt[rows].view(b, t, -1), A, None)  # 2. 4.
+        y[rows] = out.reshape(b * t, self.num_heads, self.head_dim)
+        # conv state: the last k-1 inputs, zeros in front when the prompt is shorter than that
+        conv_cache[slots] = F.pad(new, (max(0, k1 - t), 0))[..., -k1:].to(conv_cache.dtype)
+        ssm_cache[slots] = final.to(ssm_cache.dtype)
 
     def _verify_batch(self, seqs: list[int], xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
         """Speculative verification of sequences with the same number of new tokens q, all together,
         keeping the state after every position for the roll-back."""
         b, q, k1 = len(seqs), ctx.query_lens[seqs[0]], self.conv_kernel - 1
-        rows, slots = ctx.verify_index(seqs)
+        rows, slots = ctx.group_index(seqs)
         new = xbc[rows].view(b, q, -1)
         padded = torch.cat([conv_cache[slots].to(xbc.dtype), new.transpose(1, 2)], dim=2)      # (b, c, k-1+q)
         # the depthwise conv as a windowed product: for a few positions F.conv1d's setup costs ~20x more

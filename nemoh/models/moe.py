@@ -11,6 +11,10 @@ from nemoh.models.fused import SharedWeight
 from nemoh.models.mlp import MLP, relu2
 
 
+# Above this many tokens a batch's padding (to the busiest expert) costs more than it saves.
+PADDED_MAX_TOKENS = 1024
+
+
 class TopKRouter(nn.Module):
     """Router weights stay float32 whatever the model dtype: the choice of experts is sensitive to rounding."""
 
@@ -84,7 +88,10 @@ class LatentMoE(nn.Module):
         token_of_pair = order // top_k
         inputs = u[token_of_pair]                                     # (num_tokens * k, width), expert-sorted
         if self._projections()[2]:
-            pair_out = self._grouped_experts(inputs, counts)
+            if 1 < num_tokens <= PADDED_MAX_TOKENS and u.dtype != torch.float32 and not torch.is_grad_enabled():
+                pair_out = self._padded_experts(inputs, counts, flat_ids[order])
+            else:
+                pair_out = self._grouped_experts(inputs, counts)
         else:
             pair_out = self._looped_experts(inputs, counts.tolist())
         pair_out = pair_out.float() * weights.reshape(-1)[order, None]
@@ -118,6 +125,19 @@ class LatentMoE(nn.Module):
             up, down = self._stacked_weights()
         hidden = relu2(F.grouped_mm(inputs, up.to(inputs.dtype).transpose(1, 2), offs=offs))
         return F.grouped_mm(hidden, down.to(inputs.dtype).transpose(1, 2), offs=offs)
+
+    def _padded_experts(self, inputs: torch.Tensor, counts: torch.Tensor, expert_of_pair: torch.Tensor) -> torch.Tensor:
+        """Every expert in one batched product per projection, each expert's pairs padded to the busiest
+        expert's count. For bfloat16 on this project's CPU it beats the grouped product from 4 to 512
+        tokens (16 experts of 256 -> 512: 32 tokens 0.73 vs 1.50 ms, 512 tokens 2.26 vs 3.00 ms), not for
+        one token, nor at 2048, nor in float32 (`python benchmarks/moe_experts.py`)."""
+        up, down = self._stacked_weights()
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(len(expert_of_pair), device=inputs.device) - starts[expert_of_pair]
+        padded = inputs.new_zeros(self.num_experts, int(counts.max()), inputs.shape[1])
+        padded[expert_of_pair, slot] = inputs
+        hidden = relu2(torch.bmm(padded, up.to(inputs.dtype).transpose(1, 2)))
+        return torch.bmm(hidden, down.to(inputs.dtype).transpose(1, 2))[expert_of_pair, slot]
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E, I, L) and (E, L, I): every expert's up / down weight in one tensor each (no extra copy)."""

@@ -48,13 +48,35 @@ def test_grouped_experts_match_one_matmul_per_expert():
         counts = torch.bincount(flat, minlength=8)
         grouped = moe._grouped_experts(u[order // 3], counts)
         looped = moe._looped_experts(u[order // 3], counts.tolist())
+        padded = moe._padded_experts(u[order // 3], counts, flat[order])
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded, looped, rtol=1e-5, atol=1e-5)
     # training: gradients reach every used expert's own parameter
     moe(x).sum().backward()
     used = set(ids.reshape(-1).tolist())
     for e in range(8):
         grad = moe.experts[e].up_proj.weight.grad
         assert (grad is not None and grad.abs().sum() > 0) == (e in used)
+
+
+def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32():
+    torch.manual_seed(1)
+    # widths in multiples of 8: the grouped product needs 16-byte strides in bfloat16, as real models have
+    moe = LatentMoE(NemotronHConfig.from_dict({**CONFIG, "moe_latent_size": 16}), 2)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(11, 32)
+    with torch.no_grad():
+        reference = moe(x)
+        half = copy.deepcopy(moe).to(torch.bfloat16)
+        half.gate.float()
+        calls = []
+        original = half._padded_experts
+        half._padded_experts = lambda *a: calls.append(1) or original(*a)
+        out = half(x.bfloat16())
+        half(x[:1].bfloat16())                      # one token: the grouped product
+    assert len(calls) == 1
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
 def test_fused_qkv_matches_separate_projections():
