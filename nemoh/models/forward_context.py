@@ -82,7 +82,9 @@ class ForwardContext:
     def prefill_groups(self) -> list[list[int]]:
         """Sequences starting from empty caches with the same number (> 1) of new tokens, two or more of them
         (a batch of equal prompts): Mamba scans and attention attends each group in one batched pass instead
-        of one sequence at a time."""
+        of one sequence at a time. None during speculative verification, which keeps per-position states."""
+        if self.save_intermediate_states:
+            return []
         groups: dict[int, list[int]] = {}
         for i, n in enumerate(self.query_lens):
             if n > 1 and self.context_lens[i] == 0:

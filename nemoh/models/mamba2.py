@@ -113,7 +113,7 @@ class Mamba2Mixer(nn.Module):
         conv_cache, ssm_cache = cache
         decode_seqs = ctx.mamba_decode_seqs
         verify_groups = ctx.verify_groups
-        prefill_groups = [] if ctx.save_intermediate_states else ctx.prefill_groups
+        prefill_groups = ctx.prefill_groups
         grouped = verify_groups + prefill_groups
         if len(decode_seqs) + sum(map(len, grouped)) < ctx.num_seqs:
             batched = set(decode_seqs).union(*grouped)
