@@ -116,7 +116,10 @@ class Attention(nn.Module):
             context_len = ctx.context_lens[i]
             kv_len = context_len + (e - s)
             blocks = ctx.block_tables[i][: (kv_len + bs - 1) // bs]
-            idx = torch.tensor(blocks, dtype=torch.long, device=q.device)
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+                idx = slice(blocks[0], blocks[0] + len(blocks))      # consecutive blocks: a view, no copy
+            else:
+                idx = torch.tensor(blocks, dtype=torch.long, device=q.device)
             keys = k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
             values = v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
             if quantized:
@@ -131,8 +134,9 @@ class Attention(nn.Module):
         """All single-token sequences in one SDPA over their block tables, padded to the longest."""
         rows, tables, mask = ctx.decode_attention_index
         b = rows.shape[0]
-        keys = k_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[tables].view(b, -1, self.num_kv_heads, self.head_dim)
+        span = ctx.decode_block_span
+        keys = k_cache[tables if span is None else span].view(b, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache[tables if span is None else span].view(b, -1, self.num_kv_heads, self.head_dim)
         if scales is not None:
             keys, values = keys.to(q.dtype) * scales[0], values.to(q.dtype) * scales[1]
         else:

@@ -134,6 +134,17 @@ class ForwardContext:
         return (torch.tensor([self.query_start_loc[i] for i in seqs], device=device),
                 torch.tensor(tables, dtype=torch.long, device=device), mask[:, None, None, :])
 
+    @cached_property
+    def decode_block_span(self) -> slice | None:
+        """A lone single-token sequence whose blocks are consecutive (one stream on a fresh cache): its keys
+        are one view of the cache, no gather."""
+        seqs = self.single_token_seqs
+        if len(seqs) != 1:
+            return None
+        n = (self.context_lens[seqs[0]] + self.block_size) // self.block_size
+        blocks = self.block_tables[seqs[0]][:n]
+        return slice(blocks[0], blocks[0] + n) if blocks == list(range(blocks[0], blocks[0] + n)) else None
+
     @staticmethod
     def for_full_forward(batch_size: int, seq_len: int) -> "ForwardContext":
         """A cache-free context for `batch_size` sequences of `seq_len` tokens each."""

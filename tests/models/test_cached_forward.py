@@ -153,3 +153,22 @@ def test_equal_length_prompts_batched_match_one_at_a_time(model, length):
     after_alone, _ = alone.run(model, step)
     for s in prompts:
         assert rel(after_together[s], after_alone[s]) <= 1e-5
+
+
+class ScatteredCaches(Caches):
+    """Each sequence's blocks in reverse order: never consecutive, so attention gathers them by index."""
+
+    def table(self, seq: int) -> list[int]:
+        return super().table(seq)[::-1]
+
+
+@pytest.mark.parametrize("caches_type", [Caches, ScatteredCaches])
+def test_consecutive_and_scattered_block_tables_agree(model, caches_type):
+    """One stream on consecutive blocks reads its keys as a view of the cache; scattered blocks are gathered.
+    Both must give the full forward's logits, for a chunked prompt, a multi-token step and decode steps."""
+    seq = tokens(30, 9)
+    full = model(torch.tensor([seq]))[0]
+    caches = caches_type(model, 1, 64)
+    got = [caches.run(model, {0: seq[:9]})[0][0], caches.run(model, {0: seq[9:20]})[0][0]]
+    got += [caches.run(model, {0: [t]})[0][0] for t in seq[20:]]
+    assert rel(torch.cat(got), full) <= 1e-4
