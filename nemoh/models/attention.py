@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemoh.config import NemotronHConfig
-from nemoh.models.forward_context import ForwardContext
+from nemoh.models.forward_context import ForwardContext, consecutive_span
 from nemoh.models.fused import SharedWeight
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -116,10 +116,7 @@ class Attention(nn.Module):
             context_len = ctx.context_lens[i]
             kv_len = context_len + (e - s)
             blocks = ctx.block_tables[i][: (kv_len + bs - 1) // bs]
-            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
-                idx = slice(blocks[0], blocks[0] + len(blocks))      # consecutive blocks: a view, no copy
-            else:
-                idx = torch.tensor(blocks, dtype=torch.long, device=q.device)
+            idx = consecutive_span(blocks) or torch.tensor(blocks, dtype=torch.long, device=q.device)
             keys = k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
             values = v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
             if quantized:

@@ -22,6 +22,14 @@ from functools import cached_property
 import torch
 
 
+def consecutive_span(values: list[int]) -> slice | None:
+    """slice(first, last + 1) when `values` are consecutive ascending integers (indexing by it is a view;
+    indexing by a tensor of them copies), else None."""
+    if values and values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return None
+
+
 @dataclass
 class ForwardContext:
     query_start_loc: list[int]                        # num_seqs + 1 offsets into the flat token axis
@@ -100,8 +108,7 @@ class ForwardContext:
             device = self.slot_mapping.device if self.slot_mapping is not None else None
             rows = [r for i in seqs for r in range(self.query_start_loc[i], self.query_start_loc[i + 1])]
             slots = [self.state_slots[i] for i in seqs]
-            cache[key] = tuple(slice(v[0], v[-1] + 1) if v == list(range(v[0], v[-1] + 1))
-                               else torch.tensor(v, device=device) for v in (rows, slots))
+            cache[key] = tuple(consecutive_span(v) or torch.tensor(v, device=device) for v in (rows, slots))
         return cache[key]
 
     @cached_property
@@ -113,12 +120,9 @@ class ForwardContext:
                 torch.tensor([self.state_slots[i] for i in seqs], device=device))
 
     @cached_property
-    def mamba_decode_slot_span(self) -> tuple[int, int] | None:
-        """(first, end) when the decode sequences' slots are consecutive, so their states are one view."""
-        slots = [self.state_slots[i] for i in self.mamba_decode_seqs]
-        if slots and slots == list(range(slots[0], slots[0] + len(slots))):
-            return slots[0], slots[0] + len(slots)
-        return None
+    def mamba_decode_slot_span(self) -> slice | None:
+        """The decode sequences' slots when they are consecutive, so that their states are one view."""
+        return consecutive_span([self.state_slots[i] for i in self.mamba_decode_seqs])
 
     @cached_property
     def decode_attention_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,8 +146,7 @@ class ForwardContext:
         if len(seqs) != 1:
             return None
         n = (self.context_lens[seqs[0]] + self.block_size) // self.block_size
-        blocks = self.block_tables[seqs[0]][:n]
-        return slice(blocks[0], blocks[0] + n) if blocks == list(range(blocks[0], blocks[0] + n)) else None
+        return consecutive_span(self.block_tables[seqs[0]][:n])
 
     @staticmethod
     def for_full_forward(batch_size: int, seq_len: int) -> "ForwardContext":
