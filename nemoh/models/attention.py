@@ -131,9 +131,9 @@ class Attention(nn.Module):
         """All single-token sequences in one SDPA over their block tables, padded to the longest."""
         rows, tables, mask = ctx.decode_attention_index
         b = rows.shape[0]
-        span = ctx.decode_block_span
-        keys = k_cache[tables if span is None else span].view(b, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[tables if span is None else span].view(b, -1, self.num_kv_heads, self.head_dim)
+        blocks = ctx.decode_block_span or tables          # a view of the cache where the blocks allow it
+        keys = k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim)
         if scales is not None:
             keys, values = keys.to(q.dtype) * scales[0], values.to(q.dtype) * scales[1]
         else:

@@ -93,15 +93,19 @@ class Mamba2Mixer(nn.Module):
         y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, state)                         # 4.
         return y + self.D.float()[:, None] * x.float(), final
 
+    def _scan_fresh(self, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor):
+        """Equal-length sequences from empty state: xbc (b, conv_dim, t) -> y (b, t, h, p), final state."""
+        t = xbc.shape[-1]
+        conv = F.conv1d(xbc, self.conv1d.weight, self.conv1d.bias, padding=self.conv_kernel - 1,
+                        groups=self.conv_dim)[..., :t]                                          # 2.
+        return self._scan(F.silu(conv.transpose(1, 2)), dt, A, None)                            # 4.
+
     def _forward_uncached(self, xbc, dt, A, ctx: ForwardContext, y: torch.Tensor) -> None:
         zero = xbc.new_zeros(self.conv_dim, self.conv_kernel - 1)
         lens = ctx.query_lens
         if len(set(lens)) == 1:
             b, t = len(lens), lens[0]
-            conv = F.conv1d(xbc.view(b, t, -1).transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                            padding=self.conv_kernel - 1, groups=self.conv_dim)[..., :t]          # 2.
-            acts = F.silu(conv.transpose(1, 2))
-            out, _ = self._scan(acts, dt.view(b, t, -1), A, None)
+            out, _ = self._scan_fresh(xbc.view(b, t, -1).transpose(1, 2), dt.view(b, t, -1), A)
             y.copy_(out.reshape(b * t, self.num_heads, self.head_dim))
             return
         for s, e in zip(ctx.query_start_loc[:-1], ctx.query_start_loc[1:]):
@@ -132,8 +136,7 @@ class Mamba2Mixer(nn.Module):
         b, t, k1 = len(seqs), ctx.query_lens[seqs[0]], self.conv_kernel - 1
         rows, slots = ctx.group_index(seqs)
         new = xbc[rows].view(b, t, -1).transpose(1, 2)                                           # (b, c, t)
-        conv = F.conv1d(new, self.conv1d.weight, self.conv1d.bias, padding=k1, groups=self.conv_dim)[..., :t]
-        out, final = self._scan(F.silu(conv.transpose(1, 2)), dt[rows].view(b, t, -1), A, None)  # 2. 4.
+        out, final = self._scan_fresh(new, dt[rows].view(b, t, -1), A)
         y[rows] = out.reshape(b * t, self.num_heads, self.head_dim)
         # conv state: the last k-1 inputs, zeros in front when the prompt is shorter than that
         conv_cache[slots] = F.pad(new, (max(0, k1 - t), 0))[..., -k1:].to(conv_cache.dtype)
