@@ -7,7 +7,8 @@ non-empty content). FP8 and NVFP4 copies are written with `nemoh quantize` into 
 (FP8 calibrated on training-split text, NVFP4 weight-only).
 
 Table 2: MTP speculative decoding at k = 1, 2, 3 against no MTP: mean acceptance rate, tokens per verify
-step, and single-stream decode speed (one request at a time, greedy, same prompts), with the speed-up.
+step, and single-stream decode speed (one request at a time, greedy, same prompts; time per output token after
+the first, as serving benchmarks measure it), with the speed-up.
 
 Usage: python benchmarks/demo_eval.py [--model DIR] [--n 200] [--speed-n 16] [--formats bf16,fp8,nvfp4]
 """
@@ -69,28 +70,36 @@ def run_accuracy(model_dir: Path, prompts: list[str], max_tokens: int) -> list[s
     return [o.outputs[0].text for o in outs]
 
 
-def run_speed(model_dir: Path, prompts: list[str], k: int, max_tokens: int, dtype: str) -> dict[str, float]:
+def run_speed(model_dir: Path, prompts: list[str], k: int, max_tokens: int, dtype: str,
+              repeats: int = 3) -> dict[str, float]:
+    """Decode speed as serving benchmarks define it (time per output token): the tokens after the first,
+    over the time from the step that returned the first token to the step that returned the last. The first
+    step (prefill, and with MTP the drafter's pass over the prompt) is time to first token, not decode."""
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
     llm = LLM(model_dir, dtype=dtype, max_num_seqs=1, speculative_config=spec)
+    engine = llm.engine
     # replies end at their own eos (as served), so acceptance is measured on real replies, not on the
     # text a model rambles on with after it would have stopped
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.generate(prompts[:1], params)                        # warm-up, excluded
-    stats = llm.engine.spec_stats
-    stats.num_drafted = stats.num_accepted = stats.num_verifications = 0
-    decode_time, tokens = 0.0, 0
-    one = SamplingParams(temperature=0.0, max_tokens=1)
-    for p in prompts:
-        # decode speed excludes the prefill: time to the first token is measured separately and subtracted
-        start = time.perf_counter()
-        llm.generate([p], one)
-        first_token = time.perf_counter() - start
-        start = time.perf_counter()
-        out = llm.generate([p], params)[0]
-        decode_time += time.perf_counter() - start - first_token
-        tokens += len(out.outputs[0].token_ids) - 1
-    return {"tok/s": tokens / decode_time, "acceptance": stats.acceptance_rate,
-            "tokens/step": stats.mean_accepted_length}
+    best = 0.0
+    for _ in range(repeats):           # this shared machine's speed drifts: the best pass is the least disturbed
+        stats = engine.spec_stats
+        stats.num_drafted = stats.num_accepted = stats.num_verifications = 0
+        decode_time, tokens = 0.0, 0
+        for i, p in enumerate(prompts):
+            engine.add_request(f"speed-{i}", p, params)
+            first = last = None
+            while engine.has_unfinished_requests():
+                out = engine.step()
+                now = time.perf_counter()
+                if out and out[0].outputs[0].token_ids:
+                    first = first if first is not None else (now, len(out[0].outputs[0].token_ids))
+                    last = (now, len(out[0].outputs[0].token_ids))
+            decode_time += last[0] - first[0]
+            tokens += last[1] - first[1]
+        best = max(best, tokens / decode_time)
+    return {"tok/s": best, "acceptance": stats.acceptance_rate, "tokens/step": stats.mean_accepted_length}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", type=Path, default=DEMO_DIR)
     ap.add_argument("--n", type=int, default=200, help="held-out examples for the accuracy table")
     ap.add_argument("--speed-n", type=int, default=12, help="prompts for the MTP speed table")
+    ap.add_argument("--speed-repeats", type=int, default=3, help="passes over those prompts; the best is shown")
     ap.add_argument("--max-tokens", type=int, default=192)
-    ap.add_argument("--formats", default="bf16,fp8,nvfp4")
+    ap.add_argument("--formats", default="bf16,fp8,nvfp4", help="columns of table 1; empty: only the MTP table")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--speed-dtype", default=DEMO_CPU_DTYPE,
                     help="compute dtype of the MTP speed table (default: what `nemoh serve` uses for the demo on CPU)")
@@ -121,21 +131,22 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             results[fmt] = score(examples, run_accuracy(path, prompts, args.max_tokens))
             results[fmt]["seconds"] = time.perf_counter() - start
-    first = results[formats[0]]
-    print(f"\nHeld-out tickets: {first['n_tool']} needing a tool, {first['n_none']} needing none "
-          f"(greedy, max_tokens={args.max_tokens})")
-    print(f"{'metric':18}" + "".join(f"{f.upper():>10}" for f in formats))
-    for metric in ("parseable call", "right tool", "exact arguments", "correct no-tool"):
-        print(f"{metric:18}" + "".join(f"{results[f][metric]:9.1f}%" for f in formats))
+    if formats:
+        first = results[formats[0]]
+        print(f"\nHeld-out tickets: {first['n_tool']} needing a tool, {first['n_none']} needing none "
+              f"(greedy, max_tokens={args.max_tokens})")
+        print(f"{'metric':18}" + "".join(f"{f.upper():>10}" for f in formats))
+        for metric in ("parseable call", "right tool", "exact arguments", "correct no-tool"):
+            print(f"{metric:18}" + "".join(f"{results[f][metric]:9.1f}%" for f in formats))
 
     speed_prompts = prompts_for(generate("heldout", args.speed_n, seed=args.seed + 1), args.model)
     print(f"\nMTP speculative decoding, single stream, BF16 weights computed in {args.speed_dtype}, greedy, "
-          f"{args.speed_n} held-out prompts, "
+          f"{args.speed_n} held-out prompts, best of {args.speed_repeats} passes, "
           f"whole replies (up to {args.max_tokens} tokens)")
     print(f"{'k':>3} {'acceptance':>11} {'tokens/step':>12} {'decode tok/s':>13} {'speed-up':>9}")
     base = None
     for k in (0, 1, 2, 3):
-        r = run_speed(args.model, speed_prompts, k, args.max_tokens, args.speed_dtype)
+        r = run_speed(args.model, speed_prompts, k, args.max_tokens, args.speed_dtype, args.speed_repeats)
         base = base or r["tok/s"]
         acc = f"{r['acceptance']:.3f}" if k else "-"
         steps = f"{r['tokens/step']:.2f}" if k else "1.00"

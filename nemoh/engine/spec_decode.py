@@ -5,7 +5,7 @@ its KV entry is written at position t of the MTP layer's cache (same block table
 
 After every main-model step the proposer runs the MTP over all positions the main model newly computed (a
 prefill chunk, or the verified tokens up to the last accepted one), so the MTP cache stays complete; the last
-of those positions yields the first draft. Then k-1 more drafts are made one token at a time, each feeding
+of those positions yields the first draft (and only it runs the MTP layers after the MTP's attention). Then k-1 more drafts are made one token at a time, each feeding
 the previous MTP hidden state and the previous draft. Drafts are the MTP's argmax: verification treats the
 proposal as deterministic (q is one-hot), which keeps the output distribution exactly the target's.
 """
@@ -53,14 +53,14 @@ class MTPProposer:
         tokens = [t for r, m in zip(requests, lens) for t in r.seq.token_ids[r.start + 1:r.start + 1 + m]]
         ctx = self.runner.make_context(seqs, starts, lens)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.runner.device)
-        mtp_hidden = self.model.mtp_forward(input_ids, torch.cat([r.hidden for r in requests]), ctx)
-        drafting = [i for i, r in enumerate(requests) if r.needs_draft]
+        drafting = [i for i, r in enumerate(requests) if r.needs_draft] if self.k else []
+        # only the last position of a drafting sequence yields a draft: the rest only fill the MTP's cache
+        last_rows = [ctx.query_start_loc[i + 1] - 1 for i in drafting]
+        h = self.model.mtp_forward(input_ids, torch.cat([r.hidden for r in requests]), ctx, last_rows)
         for r in requests:
             r.seq.draft_token_ids = []
-        if not drafting or self.k == 0:
+        if not drafting:
             return
-        last_rows = [ctx.query_start_loc[i + 1] - 1 for i in drafting]
-        h = mtp_hidden[last_rows]
         draft = torch.argmax(self.model.compute_logits(h), dim=-1)
         seqs = [requests[i].seq for i in drafting]
         for s, d in zip(seqs, draft.tolist()):

@@ -155,7 +155,7 @@ class Mamba2Mixer(nn.Module):
             conv = conv + self.conv1d.bias[:, None]
         x, B, C = self._split_xbc(F.silu(conv.transpose(1, 2)))
         out, states = ssd_steps(ssm_cache[slots], x, dt[rows].view(b, q, -1), A, B, C)           # 4.
-        y[rows] = (out + self.D.float()[:, None] * x.float()).view(b * q, self.num_heads, self.head_dim)
+        y[rows] = (out + self.D.float()[:, None] * x.float()).reshape(b * q, self.num_heads, self.head_dim)
         # conv state after position j = the k-1 inputs ending at j
         conv_states = padded.unfold(2, k1, 1)[:, :, 1:].transpose(1, 2).to(conv_cache.dtype)    # (b, q, c, k-1)
         states = states.to(ssm_cache.dtype)

@@ -29,9 +29,12 @@ def make_mixer(layer_type: str, config: NemotronHConfig, layer_idx: int) -> nn.M
     return MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
 
+CACHED_TYPES = ("mamba", "attention")
+
+
 def run_mixer(layer_type: str, mixer: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """Only the mixers that keep per-sequence caches (Mamba, attention) take the forward context."""
-    return mixer(x, ctx) if layer_type in ("mamba", "attention") else mixer(x)
+    return mixer(x, ctx) if layer_type in CACHED_TYPES else mixer(x)
 
 
 class MTPLayer(nn.Module):
@@ -60,10 +63,23 @@ class MTPBlock(nn.Module):
         self.layers = nn.ModuleList(
             MTPLayer(config, t, base + j, is_first=j == 0, is_last=j == len(types) - 1) for j, t in enumerate(types))
 
-    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """token_embeds, hidden: (num_tokens, hidden) -> MTP hidden (num_tokens, hidden) after final_layernorm."""
+    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
+                rows: list[int] | None = None) -> torch.Tensor:
+        """token_embeds, hidden: (num_tokens, hidden) -> MTP hidden after final_layernorm, (num_tokens, hidden),
+        or (len(rows), hidden) for just those rows. Every position still runs the layers that keep a cache
+        (their KV / state must stay complete); the layers after the last of them run on `rows` only, which
+        for "*E" skips the MoE of every position whose draft is not wanted (all but the last of a prompt
+        or of a verification's accepted tokens)."""
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))
-        for layer in self.layers:
+        narrow_after = max((j for j, layer in enumerate(self.layers) if layer.layer_type in CACHED_TYPES),
+                           default=-1) if rows is not None else len(self.layers)
+        if narrow_after < 0:
+            x = x[rows]
+        for j, layer in enumerate(self.layers):
             x = x + run_mixer(layer.layer_type, layer.mixer, layer.norm(x), ctx)
+            if j == narrow_after:
+                x = x[rows]
+                if not rows:          # the caches are filled and no position is wanted
+                    return x
         return self.layers[-1].final_layernorm(x)

@@ -5,7 +5,8 @@ Entry points:
 - `model.forward_hidden(input_ids, ctx)`: flat input_ids (num_tokens,) -> hidden after norm_f
   (num_tokens, hidden), reading and writing the caches registered in `ctx` (the engine's path).
 - `model.compute_logits(hidden)`: (n, hidden) -> (n, vocab) float32.
-- `model.mtp_forward(input_ids, hidden, ctx)`: one MTP step per position (see nemoh.models.mtp).
+- `model.mtp_forward(input_ids, hidden, ctx, rows=None)`: one MTP step per position (see nemoh.models.mtp);
+  with `rows`, the output of those positions only.
 """
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ class NemotronHForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def mtp_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def mtp_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
+                    rows: list[int] | None = None) -> torch.Tensor:
         if self.mtp is None:
             raise RuntimeError("this checkpoint has no MTP block (num_nextn_predict_layers is 0)")
-        return self.mtp(self.backbone.embeddings(input_ids), hidden, ctx)
+        return self.mtp(self.backbone.embeddings(input_ids), hidden, ctx, rows)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ from __future__ import annotations
 import torch
 
 
+# Above this many bytes of intermediate states, ssd_steps goes position by position (see there).
+SSD_STEPS_BATCHED_MAX_BYTES = 512 * 1024
+
+
 def _expand_groups(t: torch.Tensor, num_heads: int, dim: int) -> torch.Tensor:
     return t.repeat_interleave(num_heads // t.shape[dim], dim=dim)
 
@@ -111,29 +115,36 @@ def ssd_steps(
     """A few tokens, keeping every intermediate state (speculative verification).
 
     state: (b, h, p, n), x: (b, t, h, p), dt: (b, t, h), B/C: (b, t, g, n).
-    Returns y (b, t, h, p) and states (b, t, h, p, n): the state after each position.
+    Returns y (b, t, h, p) and states (b, t, h, p, n): the state after each position (both may be views
+    of head-major tensors).
 
-    Small states (all t of them within ~256 KiB): every position at once, which is fewer operators —
-    with c = cumsum(dt * A), h_t = exp(c_t) h_0 + sum_{s <= t} exp(c_t - c_s) dt_s x_s B_sᵀ, y_t = h_t C_t.
-    Larger ones: one in-place step per position, which moves less memory (measured on this project's CPU:
-    8x32x32 states, t=4: 271 vs 350 us; 16x64x64: 1079 vs 617 us).
+    Small states (all b x t of them within 512 KiB): every position at once, as one (t x t) decay matrix times
+    the rank-one updates — with c = cumsum(dt * A), h_t = exp(c_t) h_0 + sum_{s <= t} exp(c_t - c_s)
+    dt_s x_s B_sᵀ, y_t = h_t C_t — which is few operators. Larger ones: one in-place step per position,
+    which moves less memory. `python benchmarks/ssd_steps.py` times both.
     """
-    if state[0].numel() * x.shape[1] * 4 > 256 * 1024:
+    if state.numel() * x.shape[1] * 4 > SSD_STEPS_BATCHED_MAX_BYTES:
         return _sequential_steps(state, x, dt, A, B, C)
     with torch.autocast(x.device.type, enabled=False):
-        num_heads = x.shape[2]
-        steps = x.shape[1]
+        b, t, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
         x, dt = x.float(), dt.float()
-        cum = torch.cumsum(dt * A.float(), dim=1)                                        # (b, t, h)
-        causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
-        segsum = (cum[:, :, None] - cum[:, None]).masked_fill(~causal[None, :, :, None], float("-inf"))
-        decay = torch.exp(segsum)                                                       # (b, t, s, h)
-        Bh = _expand_groups(B.float(), num_heads, 2)                                     # (b, s, h, n)
-        Ch = _expand_groups(C.float(), num_heads, 2)
-        xdt = x * dt[..., None]                                                         # (b, s, h, p)
-        states = torch.einsum("btsh,bshp,bshn->bthpn", decay, xdt, Bh)
-        states = states + torch.exp(cum)[..., None, None] * state.float()[:, None]
-        return torch.einsum("bthpn,bthn->bthp", states, Ch), states
+        cum = torch.cumsum(dt * A.float(), dim=1).transpose(1, 2)                          # (b, h, t)
+        # decay[t, s] = exp(c_t - c_s) for s <= t; tril_ zeroes s > t, even where that exp overflowed
+        decay = torch.exp(cum[..., :, None] - cum[..., None, :]).tril_()                   # (b, h, t, s)
+        xdt = (x * dt[..., None]).permute(0, 2, 1, 3)                                      # (b, h, s, p)
+        update = (xdt[..., None] * _heads_major(B, h)[..., None, :]).reshape(b, h, t, p * n)
+        states = torch.matmul(decay, update).view(b, h, t, p, n)
+        states.addcmul_(torch.exp(cum)[..., None, None], state.float()[:, :, None])
+        y = torch.matmul(states, _heads_major(C, h)[..., None])[..., 0]                    # (b, h, t, p)
+        return y.transpose(1, 2), states.transpose(1, 2)
+
+
+def _heads_major(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(b, t, g, n) -> (b, h, t, n) float32, each group's rows shared by its h/g heads."""
+    b, steps, g, n = t.shape
+    return t.float().permute(0, 2, 1, 3)[:, :, None].expand(b, g, num_heads // g, steps, n).reshape(
+        b, num_heads, steps, n)
 
 
 def _sequential_steps(state, x, dt, A, B, C) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from nemoh.models.attention import Attention
 from nemoh.models.forward_context import ForwardContext
 from nemoh.models.fused import SharedWeight
 from nemoh.models.moe import LatentMoE
-from nemoh.models.ssd import ssd_step, ssd_steps
+from nemoh.models.ssd import SSD_STEPS_BATCHED_MAX_BYTES, ssd_step, ssd_steps
 
 CONFIG = dict(model_type="nemotron_h", vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
@@ -99,13 +99,25 @@ def test_closed_form_steps_match_the_recurrence():
 
 
 def test_large_state_steps_match_the_recurrence():
-    """Past ~256 KiB of states ssd_steps switches to in-place sequential steps: same results."""
+    """Past 512 KiB of states ssd_steps switches to in-place sequential steps: same results."""
     torch.manual_seed(1)
-    inputs = _scan_inputs(b=2, t=4, h=16, p=32, n=64, g=2)
+    inputs = _scan_inputs(b=2, t=4, h=16, p=32, n=128, g=2)
+    assert inputs[0].numel() * 4 * 4 > SSD_STEPS_BATCHED_MAX_BYTES
     before = inputs[0].clone()
     result = ssd_steps(*inputs)
     assert torch.equal(inputs[0], before)                  # the caller's state is not touched
     _assert_matches_recurrence(result, *inputs)
+
+
+def test_closed_form_steps_survive_decays_that_overflow():
+    """exp(c_t - c_s) above the diagonal (s > t) overflows for a steep decay; those entries are unused and
+    must not turn into NaN."""
+    torch.manual_seed(2)
+    state, x, dt, _, B, C = _scan_inputs(b=1, t=6, h=8, p=16, n=32, g=2)
+    A = torch.full((8,), -2000.0)
+    result = ssd_steps(state, x, dt + 0.05, A, B, C)
+    assert torch.isfinite(result[0]).all() and torch.isfinite(result[1]).all()
+    _assert_matches_recurrence(result, state, x, dt + 0.05, A, B, C)
 
 
 def _assert_matches_recurrence(result, state, x, dt, A, B, C):

@@ -86,10 +86,16 @@ def test_mtp_step_matches_reference_transcription(setup):
         assert err <= 1e-4
         logits_err = (model.compute_logits(ours) - ref @ t["lm_head.weight"].T).abs().max()
         assert logits_err <= 1e-4 * (ref @ t["lm_head.weight"].T).abs().max()
+        # asking for some rows only gives those rows of the same result
+        some = model.mtp_forward(seq[1:], hidden[:-1], ForwardContext.for_full_forward(1, 11), rows=[3, 10])
+        torch.testing.assert_close(some, ours[[3, 10]], rtol=1e-5, atol=1e-6)
 
 
-def test_repeated_mtp_drafts_with_cache_match_reference(setup):
-    """Draft k tokens greedily: each step feeds the previous MTP output and the token it predicted."""
+@pytest.mark.parametrize("last_row_only", [False, True])
+def test_repeated_mtp_drafts_with_cache_match_reference(setup, last_row_only):
+    """Draft k tokens greedily: each step feeds the previous MTP output and the token it predicted. With
+    `last_row_only` the prefix pass asks for its last row only, as the proposer does: the MTP's attention
+    cache must still be filled for every position, or the later drafts differ."""
     model, t, cfg = setup
     seq = torch.randint(3, 4096, (10,), generator=torch.Generator().manual_seed(4))
     k = 3
@@ -107,7 +113,7 @@ def test_repeated_mtp_drafts_with_cache_match_reference(setup):
         # nemoh with the MTP attention cache: prefix once, then one token per step
         caches = Caches(model, 1, 32)
         ctx = caches.context([0], [10])
-        ours = model.mtp_forward(toks[:10], hidden, ctx)
+        ours = model.mtp_forward(toks[:10], hidden, ctx, rows=[9] if last_row_only else None)
         caches.lens[0] = 10
         drafts = []
         for _ in range(k):
