@@ -28,7 +28,7 @@ class SeqResult:
     """What one scheduled sequence got out of the main model this step."""
     scheduled: ScheduledSeq
     start: int                          # num_computed_tokens before this step (position of the first new token)
-    hidden: torch.Tensor                # (num_new_tokens, hidden) after norm_f, for the MTP block
+    hidden: torch.Tensor | None         # (num_new_tokens, hidden) after norm_f, for the MTP block (else None)
     logits: torch.Tensor | None         # (1 + num_drafts, vocab) when the step samples, else None
     intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     argmax: list[int] | None = None     # argmax of each logits row, from one call over the whole batch
@@ -54,6 +54,8 @@ class ModelRunner:
         self.block_size = args.block_size
         k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
         self.kv_layer_ids = list(cfg.attention_layer_ids) + (list(cfg.mtp_attention_layer_ids) if k else [])
+        # the MTP drafter reads the main model's hidden at every new position; without it only sampled rows
+        self.keeps_all_hidden = bool(k)
         self.mamba_layer_ids = list(cfg.mamba_layer_ids)
         self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, model.dtype)
         self.conv_dtype = model.dtype
@@ -160,7 +162,6 @@ class ModelRunner:
         ctx = self.make_context(seqs, starts, lens, save)
         tokens = [t for s in group for t in self.input_tokens(s)]
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        hidden = self.model.forward_hidden(input_ids, ctx)
         # logits only for the rows that are sampled: the last row, or all 1 + k rows of a verification
         rows, spans = [], []
         for i, s in enumerate(group):
@@ -168,7 +169,13 @@ class ModelRunner:
             n = (1 + s.num_draft_tokens) if s.samples else 0
             spans.append((len(rows), n))
             rows.extend(range(end - n, end))
-        logits = self.model.compute_logits(hidden[rows]) if rows else None
+        if self.keeps_all_hidden:
+            hidden = self.model.forward_hidden(input_ids, ctx)
+            sampled = hidden[rows]
+        else:   # nothing reads the other rows' hidden: the last layers run on the sampled rows alone
+            every_row = len(rows) == len(tokens)            # a decode batch: nothing to leave out
+            hidden, sampled = None, self.model.forward_hidden(input_ids, ctx, None if every_row else rows)
+        logits = self.model.compute_logits(sampled) if rows else None
         # one argmax for the batch: greedy requests without logits processing need nothing else
         argmax = logits.argmax(-1).tolist() if logits is not None else []
         out = []
@@ -176,7 +183,8 @@ class ModelRunner:
             a, b = ctx.query_start_loc[i], ctx.query_start_loc[i + 1]
             off, n = spans[i]
             inter = {layer: states[i] for layer, states in ctx.intermediate_states.items()} if save else {}
-            out.append(SeqResult(s, starts[i], hidden[a:b], logits[off:off + n] if n else None, inter,
+            out.append(SeqResult(s, starts[i], hidden[a:b] if hidden is not None else None,
+                                 logits[off:off + n] if n else None, inter,
                                  argmax[off:off + n] if n else None))
         return out
 

@@ -37,6 +37,26 @@ def run_mixer(layer_type: str, mixer: nn.Module, x: torch.Tensor, ctx: ForwardCo
     return mixer(x, ctx) if layer_type in CACHED_TYPES else mixer(x)
 
 
+def run_layers(layers, x: torch.Tensor, ctx: ForwardContext, rows: list[int] | None) -> torch.Tensor:
+    """Pre-norm residual layers (each with `.layer_type`, `.norm`, `.mixer`) over x (num_tokens, hidden).
+
+    With `rows`, returns only those rows: every position still runs the layers that keep a cache (their KV /
+    state must stay complete), and the layers after the last of them run on `rows` alone: a prompt chunk
+    that samples nothing skips them, one that samples runs them on its last position only."""
+    last_cached = len(layers)
+    if rows is not None:
+        last_cached = max((j for j, layer in enumerate(layers) if layer.layer_type in CACHED_TYPES), default=-1)
+        if last_cached < 0:
+            x = x[rows]
+    for j, layer in enumerate(layers):
+        x = x + run_mixer(layer.layer_type, layer.mixer, layer.norm(x), ctx)
+        if j == last_cached:
+            x = x[rows]
+            if not rows:          # the caches are filled and no position is wanted
+                break
+    return x
+
+
 class MTPLayer(nn.Module):
     def __init__(self, config: NemotronHConfig, layer_type: str, cache_idx: int, is_first: bool, is_last: bool):
         super().__init__()
@@ -66,20 +86,8 @@ class MTPBlock(nn.Module):
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
                 rows: list[int] | None = None) -> torch.Tensor:
         """token_embeds, hidden: (num_tokens, hidden) -> MTP hidden after final_layernorm, (num_tokens, hidden),
-        or (len(rows), hidden) for just those rows. Every position still runs the layers that keep a cache
-        (their KV / state must stay complete); the layers after the last of them run on `rows` only, which
-        for "*E" skips the MoE of every position whose draft is not wanted (all but the last of a prompt
-        or of a verification's accepted tokens)."""
+        or (len(rows), hidden) for just those rows (`run_layers`): for "*E" the MoE then runs only for the
+        positions whose draft is wanted (the last of a prompt or of a verification's accepted tokens)."""
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))
-        narrow_after = max((j for j, layer in enumerate(self.layers) if layer.layer_type in CACHED_TYPES),
-                           default=-1) if rows is not None else len(self.layers)
-        if narrow_after < 0:
-            x = x[rows]
-        for j, layer in enumerate(self.layers):
-            x = x + run_mixer(layer.layer_type, layer.mixer, layer.norm(x), ctx)
-            if j == narrow_after:
-                x = x[rows]
-                if not rows:          # the caches are filled and no position is wanted
-                    return x
-        return self.layers[-1].final_layernorm(x)
+        return self.layers[-1].final_layernorm(run_layers(self.layers, x, ctx, rows))

@@ -2,8 +2,9 @@
 
 Entry points:
 - `model(input_ids)`: input_ids (B, T) -> logits (B, T, vocab); a full causal forward with no cache.
-- `model.forward_hidden(input_ids, ctx)`: flat input_ids (num_tokens,) -> hidden after norm_f
-  (num_tokens, hidden), reading and writing the caches registered in `ctx` (the engine's path).
+- `model.forward_hidden(input_ids, ctx, rows=None)`: flat input_ids (num_tokens,) -> hidden after norm_f
+  (num_tokens, hidden), reading and writing the caches registered in `ctx` (the engine's path); with
+  `rows`, only those rows' hidden (the layers after the last cache-keeping one run on them alone).
 - `model.compute_logits(hidden)`: (n, hidden) -> (n, vocab) float32.
 - `model.mtp_forward(input_ids, hidden, ctx, rows=None)`: one MTP step per position (see nemoh.models.mtp);
   with `rows`, the output of those positions only.
@@ -15,19 +16,18 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
-from nemoh.models.mtp import MTPBlock, make_mixer, run_mixer
+from nemoh.models.mtp import MTPBlock, make_mixer, run_layers
 from nemoh.models.norm import RMSNorm
 
 
 class Block(nn.Module):
+    """One pre-norm residual layer: x + mixer(norm(x)), run by `run_layers`."""
+
     def __init__(self, config: NemotronHConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = make_mixer(self.layer_type, config, layer_idx)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return x + run_mixer(self.layer_type, self.mixer, self.norm(x), ctx)
 
 
 class Backbone(nn.Module):
@@ -37,11 +37,8 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embeddings(input_ids)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm_f(x)
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, rows: list[int] | None = None) -> torch.Tensor:
+        return self.norm_f(run_layers(self.layers, self.embeddings(input_ids), ctx, rows))
 
 
 class NemotronHForCausalLM(nn.Module):
@@ -66,8 +63,9 @@ class NemotronHForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.embeddings.weight.device
 
-    def forward_hidden(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.backbone(input_ids, ctx)
+    def forward_hidden(self, input_ids: torch.Tensor, ctx: ForwardContext,
+                       rows: list[int] | None = None) -> torch.Tensor:
+        return self.backbone(input_ids, ctx, rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -172,3 +172,22 @@ def test_consecutive_and_scattered_block_tables_agree(model, caches_type):
     got = [caches.run(model, {0: seq[:9]})[0][0], caches.run(model, {0: seq[9:20]})[0][0]]
     got += [caches.run(model, {0: [t]})[0][0] for t in seq[20:]]
     assert rel(torch.cat(got), full) <= 1e-4
+
+
+def test_forward_for_some_rows_keeps_every_cache_complete(model):
+    """forward_hidden(rows=...) returns only those rows (the layers after the last cache-keeping one skip
+    the others), yet the caches are written for every position: a chunk asking for no row at all, then a
+    chunk asking for its last row only, then decode steps, agree with the full forward."""
+    seq = tokens(30, 7)
+    full = model(torch.tensor([seq]))[0]
+    caches = Caches(model, 1, 64)
+    with torch.no_grad():
+        for start, end, rows in ((0, 11, []), (11, 24, [12]), (24, 25, None), (25, 26, None)):
+            ctx = caches.context([0], [end - start])
+            hidden = model.forward_hidden(torch.tensor(seq[start:end]), ctx, rows)
+            caches.lens[0] = end
+            if rows == []:
+                assert hidden.shape[0] == 0
+                continue
+            want = full[end - 1:end] if rows else full[start:end]
+            assert rel(model.compute_logits(hidden), want) <= 1e-4
