@@ -173,6 +173,57 @@ class BatchStream:
             self.pool = None
 
 
+class CopyBatches:
+    """Endless batches of the copy task: rows of random tokens that hold a key and a value (`U` + 5 digits,
+    `INC-` + 4 digits, or a few random tokens after a random key), then later `=`, the key and the same
+    value; the targets are the repeated value. Tickets need exactly this (an id or an e-mail copied from
+    the request or a tool result into a call), and the ticket corpus alone does not teach it within the
+    budget: on its own the task is learned in a few hundred cheap steps (`benchmarks/copy_probe.py`)."""
+
+    def __init__(self, seed: int, rows: int = 64, length: int = 64):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(corpus.MODEL_DIR / "tokenizer.json"))
+        tid = tokenizer.token_to_id
+        self.digits = [tid(str(d)) for d in range(10)]
+        self.u, self.inc, self.dash, self.eq = tid("U"), tid("INC"), tid("-"), tid("=")
+        self.rng = random.Random(f"copy:{seed}")
+        self.rows, self.length = rows, length
+
+    def _value(self) -> tuple[list[int], list[int]]:
+        kind = self.rng.random()
+        if kind < 0.4:
+            return [self.u], [self.rng.choice(self.digits) for _ in range(5)]
+        if kind < 0.7:
+            return [self.inc, self.dash], [self.rng.choice(self.digits) for _ in range(4)]
+        return [self.rng.randrange(100, 4000)], [self.rng.randrange(100, 4000) for _ in range(self.rng.randint(3, 6))]
+
+    def __iter__(self):
+        while True:
+            ids = torch.tensor([[self.rng.randrange(100, 4000) for _ in range(self.length)] for _ in range(self.rows)])
+            mask = torch.zeros(self.rows, self.length, dtype=torch.bool)
+            ids[:, 0] = 1
+            for row in range(self.rows):
+                key, value = self._value()
+                first = key + value
+                again = [self.eq] + key + value
+                a = self.rng.randint(1, self.length // 2 - len(first))
+                b = self.rng.randint(a + len(first), self.length - len(again))
+                ids[row, a:a + len(first)] = torch.tensor(first)
+                ids[row, b:b + len(again)] = torch.tensor(again)
+                mask[row, b + len(again) - len(value):b + len(again)] = True
+            yield ids, mask
+
+
+def with_copy_batches(stream, copies, every: int):
+    """(ids, mask, is_copy): the ticket batches with a copy batch as every `every`-th one (none when 0)."""
+    copies = iter(copies) if every else None
+    for n, (ids, mask) in enumerate(stream, 1):
+        yield ids, mask, False
+        if copies is not None and n % (every - 1) == 0:
+            yield *next(copies), True
+
+
 # ============================================================================================ model
 
 def load_config(path: str | os.PathLike) -> tuple[NemotronHConfig, dict]:
@@ -457,6 +508,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--mtp-weight", type=float, default=0.3)
     p.add_argument("--mtp-steps", type=int, default=2, help="recursive MTP steps trained (drafting depth)")
+    p.add_argument("--copy-every", type=int, default=0,
+                   help="make every N-th step a batch of the copy task (0: none; N >= 2)")
     p.add_argument("--bias-rate", type=float, default=1e-3, help="router bias update per step (gamma)")
     p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint interval")
     p.add_argument("--log-every", type=int, default=10)
@@ -473,6 +526,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, key)
         if value is not None and value < 0:
             p.error(f"--{key.replace('_', '-')}: must be >= 0, got {value}")
+    if args.copy_every == 1 or args.copy_every < 0:
+        p.error(f"--copy-every: must be 0 (off) or at least 2, got {args.copy_every}")
     return args
 
 
@@ -526,11 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     last_save = time.time()
     sample = None
     step_times: deque = deque(maxlen=20)
-    window = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+    window = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "n": 0, "copy": 0.0, "copies": 0, "tokens": 0, "time": 0.0}
     model.train()
     try:
         with open(log_path, log_mode) as log_file:
-            for ids, mask in stream:
+            for ids, mask, is_copy in with_copy_batches(stream, CopyBatches(args.seed) if args.copy_every else (),
+                                                        args.copy_every):
                 elapsed = time.time() - run_start
                 progress = max(state["step"] / args.steps if args.steps else float(args.steps == 0),
                                elapsed / budget if budget else 0.0)
@@ -556,19 +612,25 @@ def main(argv: list[str] | None = None) -> int:
                 state["tokens"] += int(ids.numel())
                 state["targets"] += int(mask.sum())
                 state["position"] = stream.position
-                window["loss"] += float(loss.detach())
-                window["lm"] += float(lm_loss.detach())
-                window["mtp"] += float(mtp_loss.detach()) if mtp_loss is not None else 0.0
-                window["n"] += 1
+                if is_copy:      # logged apart: the ticket losses stay comparable with runs without it
+                    window["copy"] += float(lm_loss.detach())
+                    window["copies"] += 1
+                else:
+                    window["loss"] += float(loss.detach())
+                    window["lm"] += float(lm_loss.detach())
+                    window["mtp"] += float(mtp_loss.detach()) if mtp_loss is not None else 0.0
+                    window["n"] += 1
                 window["tokens"] += int(ids.numel())
                 window["time"] += dt
                 if state["step"] % args.log_every == 0 or state["step"] == 1:
                     state["elapsed"] = time.time() - run_start
-                    k = window["n"]
+                    k = max(window["n"], 1)
                     rec = {"step": state["step"], "tokens": state["tokens"], "loss": window["loss"] / k,
                            "lm_loss": window["lm"] / k, "mtp_loss": window["mtp"] / k, "lr": lr,
                            "elapsed": round(state["elapsed"], 1), "tok_s": round(window["tokens"] / window["time"]),
                            "max_load": round(imbalance, 2), "epoch": round(stream.epoch, 3)}
+                    if window["copies"]:
+                        rec["copy_loss"] = window["copy"] / window["copies"]
                     log.append(rec)
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()

@@ -78,6 +78,31 @@ def test_batches_are_right_padded_to_a_common_length():
     stream.close()
 
 
+def test_copy_batches_repeat_a_value_and_target_only_the_repeat(encoder):
+    tokenizer, _ = encoder
+    batches = iter(train.CopyBatches(seed=0, rows=16, length=48))
+    for _ in range(3):
+        ids, mask = next(batches)
+        assert ids.shape == mask.shape == (16, 48)
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            start = m.index(True)
+            value = row[start:start + sum(m)]
+            assert all(m[start:start + len(value)])              # one contiguous run of targets
+            key_end = start - 1                                   # the value follows "=" and its key
+            eq = max(i for i in range(key_end + 1) if row[i] == tokenizer.token_to_id("="))
+            key = row[eq + 1:start]
+            first = next(i for i in range(eq) if row[i:i + len(key) + len(value)] == key + value)
+            assert first + len(key) + len(value) <= eq              # the value appeared earlier, un-targeted
+            assert not any(m[:eq])
+
+
+def test_copy_batches_come_every_nth_step():
+    stream = iter([(f"t{i}", None) for i in range(6)])
+    kinds = [is_copy for _, _, is_copy in train.with_copy_batches(stream, iter([("c", None)] * 9), 3)]
+    assert kinds == [False, False, True, False, False, True, False, False, True]
+    assert not any(c for _, _, c in train.with_copy_batches(iter([("t", None)] * 4), (), 0))
+
+
 def test_router_bias_moves_towards_balance():
     config = NemotronHConfig.from_dict(TINY)
     model = NemotronHForCausalLM(config)
