@@ -6,7 +6,8 @@ The recipe, in the order a step runs:
    only the assistant turns the model must produce are targets. Examples are grouped into windows, sorted by
    length inside a window and cut into batches of about `--batch-tokens` tokens padded on the right to one
    common length (the model's uncached path is fastest on equal lengths; a causal model never lets right
-   padding reach earlier positions).
+   padding reach earlier positions). With `--copy-every N` every N-th batch is one of the copy task instead
+   (`CopyBatches`: 64 short rows, about a quarter of a ticket step's time), its loss logged as copy_loss.
 2. Loss: the main LM loss (position t predicts token t+1) plus `--mtp-weight` times the MTP loss (the MTP
    step at t takes token t+1 and the main hidden at t after norm_f, and predicts token t+2), both over the
    target positions only; the lm_head runs on those positions alone.
