@@ -5,9 +5,10 @@ its KV entry is written at position t of the MTP layer's cache (same block table
 
 After every main-model step the proposer runs the MTP over all positions the main model newly computed (a
 prefill chunk, or the verified tokens up to the last accepted one), so the MTP cache stays complete; the last
-of those positions yields the first draft (and only it runs the MTP layers after the MTP's attention). Then k-1 more drafts are made one token at a time, each feeding
-the previous MTP hidden state and the previous draft. Drafts are the MTP's argmax: verification treats the
-proposal as deterministic (q is one-hot), which keeps the output distribution exactly the target's.
+of those positions yields the first draft (and only it runs the MTP layers after the MTP's attention). Then
+k-1 more drafts are made one token at a time, each feeding the previous MTP hidden state and the previous
+draft. Drafts are the MTP's argmax: verification treats the proposal as deterministic (q is one-hot),
+which keeps the output distribution exactly the target's.
 """
 from __future__ import annotations
 
