@@ -181,7 +181,9 @@ class CopyBatches:
     the request or a tool result into a call), and the ticket corpus alone does not teach it within the
     budget: on its own the task is learned in a few hundred cheap steps (`benchmarks/copy_probe.py`)."""
 
-    def __init__(self, seed: int, rows: int = 64, length: int = 64):
+    MIX = {"user_id": 0.4, "ticket_id": 0.3, "tokens": 0.3}
+
+    def __init__(self, seed: int, rows: int = 64, length: int = 64, mix: dict[str, float] | None = None):
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(corpus.MODEL_DIR / "tokenizer.json"))
@@ -190,12 +192,15 @@ class CopyBatches:
         self.u, self.inc, self.dash, self.eq = tid("U"), tid("INC"), tid("-"), tid("=")
         self.rng = random.Random(f"copy:{seed}")
         self.rows, self.length = rows, length
+        mix = mix or self.MIX
+        self.kinds, self.weights = list(mix), list(mix.values())
 
     def _value(self) -> tuple[list[int], list[int]]:
-        kind = self.rng.random()
-        if kind < 0.4:
+        """(key, value) of one row, of a kind drawn from the mix."""
+        kind = self.rng.choices(self.kinds, self.weights)[0]
+        if kind == "user_id":
             return [self.u], [self.rng.choice(self.digits) for _ in range(5)]
-        if kind < 0.7:
+        if kind == "ticket_id":
             return [self.inc, self.dash], [self.rng.choice(self.digits) for _ in range(4)]
         return [self.rng.randrange(100, 4000)], [self.rng.randrange(100, 4000) for _ in range(self.rng.randint(3, 6))]
 
