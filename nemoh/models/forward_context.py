@@ -90,7 +90,7 @@ class ForwardContext:
     def prefill_groups(self) -> list[list[int]]:
         """Sequences starting from empty caches with the same number (> 1) of new tokens, two or more of them
         (a batch of equal prompts): Mamba scans and attention attends each group in one batched pass instead
-        of one sequence at a time. None during speculative verification, which keeps per-position states."""
+        of one sequence at a time. Empty during speculative verification, which keeps per-position states."""
         if self.save_intermediate_states:
             return []
         groups: dict[int, list[int]] = {}

@@ -200,7 +200,7 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self._split_xbc(act)
         span = ctx.mamba_decode_slot_span
         if span is not None and ssm_cache.dtype == torch.float32:
-            out = ssd_step_(ssm_cache[span], x, dt[rows], A, B, C)                  # 4. in place
+            out = ssd_step_(ssm_cache[span], x, dt[rows], A, B, C)                                # 4. in place
         else:
             state = ssm_cache[slots].float()
             out = ssd_step_(state, x, dt[rows], A, B, C)
