@@ -12,7 +12,15 @@ from nemoh.models.mlp import MLP, relu2
 
 
 # Above this many tokens a batch's padding (to the busiest expert) costs more than it saves.
-PADDED_MAX_TOKENS = 1024
+PADDED_MAX_TOKENS = 128
+# In bfloat16 / float16 the grouped product gives each expert's rows to oneDNN as a matmul of that row count,
+# and oneDNN builds a kernel per new shape: with counts that change every batch (training, prefill) the builds
+# cost more than the products (`python benchmarks/moe_experts.py`: 2048 tokens 57 -> 11 ms, a training step
+# of 2048 tokens 4.3x faster). From this many (token, expert) pairs each expert's rows are padded with zero
+# rows to a multiple of GROUP_ROWS, so that a few dozen shapes recur. float32 takes another path that
+# builds nothing, and padding only slows it.
+GROUP_ROWS = 64
+GROUP_PAD_MIN_PAIRS = 512
 
 
 class TopKRouter(nn.Module):
@@ -115,6 +123,9 @@ class LatentMoE(nn.Module):
         """Every expert in one grouped matmul per projection. On this project's 2-core CPU, 128 (token,
         expert) pairs over 16 experts take 1.5 ms against 29 ms for one matmul per expert (each new row
         count makes oneDNN build a kernel), and training's forward + backward is 2.6x faster."""
+        rows = None
+        if inputs.shape[0] >= GROUP_PAD_MIN_PAIRS and inputs.dtype != torch.float32:
+            inputs, counts, rows = _pad_groups(inputs, counts, GROUP_ROWS)
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_grad_enabled():
             # stacked afresh so that the gradients reach each expert's own parameter
@@ -124,13 +135,15 @@ class LatentMoE(nn.Module):
         else:
             up, down = self._stacked_weights()
         hidden = relu2(F.grouped_mm(inputs, up.to(inputs.dtype).transpose(1, 2), offs=offs))
-        return F.grouped_mm(hidden, down.to(inputs.dtype).transpose(1, 2), offs=offs)
+        out = F.grouped_mm(hidden, down.to(inputs.dtype).transpose(1, 2), offs=offs)
+        return out if rows is None else out[rows]
 
     def _padded_experts(self, inputs: torch.Tensor, counts: torch.Tensor, expert_of_pair: torch.Tensor) -> torch.Tensor:
         """Every expert in one batched product per projection, each expert's pairs padded to the busiest
-        expert's count. For bfloat16 on this project's CPU it beats the grouped product from 4 to 512
-        tokens (16 experts of 256 -> 512: 32 tokens 0.73 vs 1.50 ms, 512 tokens 2.26 vs 3.00 ms), not for
-        one token, nor at 2048, nor in float32 (`python benchmarks/moe_experts.py`)."""
+        expert's count. For bfloat16 on this project's CPU it beats the grouped product from 4 to about 128
+        tokens (16 experts of 256 -> 512, a new routing each call: 32 tokens 1.2 vs 1.8 ms; from 128 tokens
+        the grouped product with padded rows wins, 512 tokens 6.4 vs 4.1 ms), not for one token, nor in
+        float32 (`python benchmarks/moe_experts.py`)."""
         up, down = self._stacked_weights()
         starts = counts.cumsum(0) - counts
         slot = torch.arange(len(expert_of_pair), device=inputs.device) - starts[expert_of_pair]
@@ -153,3 +166,14 @@ class LatentMoE(nn.Module):
                 outputs.append(down(relu2(up(inputs[start:start + count]))))
                 start += count
         return torch.cat(outputs)
+
+
+def _pad_groups(inputs: torch.Tensor, counts: torch.Tensor, multiple: int):
+    """(padded inputs, padded counts, row of each input in the padded inputs): expert-sorted rows with each
+    expert's group grown to a multiple of `multiple` by zero rows (a zero row stays zero through relu2
+    experts and gets no gradient)."""
+    padded_counts = (counts + multiple - 1) // multiple * multiple
+    shift = (padded_counts.cumsum(0) - padded_counts) - (counts.cumsum(0) - counts)
+    rows = torch.arange(inputs.shape[0], device=inputs.device) + shift.repeat_interleave(counts)
+    padded = inputs.new_zeros(int(padded_counts.sum()), inputs.shape[1]).index_copy(0, rows, inputs)
+    return padded, padded_counts, rows

@@ -79,6 +79,34 @@ def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32():
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
+def test_padded_rows_of_the_grouped_experts_change_no_output_nor_gradient(monkeypatch):
+    """Training and long prefills in bfloat16 pad each expert's rows to a multiple of GROUP_ROWS; the padding
+    must not show in the outputs, the gradient of the inputs nor those of the experts."""
+    import nemoh.models.moe as moe_module
+
+    torch.manual_seed(2)
+    moe = LatentMoE(NemotronHConfig.from_dict({**CONFIG, "moe_latent_size": 16}), 2)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.3)
+    counts = torch.tensor([0, 70, 1, 64, 200, 5, 133, 127])          # 600 pairs: above GROUP_PAD_MIN_PAIRS
+    assert counts.sum() >= moe_module.GROUP_PAD_MIN_PAIRS
+    inputs = torch.randn(int(counts.sum()), 16, dtype=torch.bfloat16)
+    upstream = torch.randn(int(counts.sum()), 16)
+
+    def run(pad_from):
+        monkeypatch.setattr(moe_module, "GROUP_PAD_MIN_PAIRS", pad_from)
+        moe.zero_grad()
+        x = inputs.clone().requires_grad_()
+        out = moe._grouped_experts(x, counts)
+        (out.float() * upstream).sum().backward()
+        return out.float(), x.grad.float(), torch.stack([e.up_proj.weight.grad for e in moe.experts])
+
+    padded, unpadded = run(512), run(10 ** 9)
+    for a, b in zip(padded, unpadded):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
+    assert padded[2][0].abs().sum() == 0          # the expert with no pair gets no gradient from the padding
+
+
 def test_fused_qkv_matches_separate_projections():
     torch.manual_seed(0)
     attn = Attention(NemotronHConfig.from_dict({**CONFIG, "attention_bias": True}), 1)
