@@ -32,7 +32,7 @@ TICKETS = [
     ("What's the status of INC-4821? I opened it last week about my docking station.", {"get_ticket_status"}),
     ("INC-4822 has been open for days and Outlook still won't sync. Please escalate it to messaging.",
      {"escalate_ticket"}),
-    ("How do I set up the VPN on a new laptop?", set()),
+    ("How do I set up the VPN on a new laptop?", {"search_kb"}),
 ]
 
 # The bundled demo model was trained with short system prompts of this shape; a real Nemotron 3 model takes
