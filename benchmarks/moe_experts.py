@@ -80,11 +80,11 @@ def main() -> None:
             cases = [(torch.randn(n * args.top_k, args.latent, dtype=dtype), counts, ids)
                      for ids, counts in routings(n, args.experts, args.top_k, reps + 3)]
             grouped = lambda x, counts, ids: moe._grouped_experts(x, counts)
-            padded = lambda x, counts, ids: moe._padded_experts(x, counts, ids)
+            batched = lambda x, counts, ids: moe._padded_experts(x, counts, ids)
             with torch.inference_mode():
-                diff = max((grouped(*c).float() - padded(*c).float()).abs().max().item() for c in cases[:2])
+                diff = max((grouped(*c).float() - batched(*c).float()).abs().max().item() for c in cases[:2])
                 diff = max(diff, (grouped(*cases[0]).float() - unpadded(grouped)(*cases[0]).float()).abs().max().item())
-                tg, tu, tp = (timed(fn, cases[:3], cases[3:]) for fn in (grouped, unpadded(grouped), padded))
+                tg, tu, tp = (timed(fn, cases[:3], cases[3:]) for fn in (grouped, unpadded(grouped), batched))
             print(f"{str(dtype).split('.')[-1]:>9} {n:>6} {tg * 1e3:>10.3f} {tu * 1e3:>11.3f} {tp * 1e3:>8.3f} "
                   f"{diff:>9.1e}")
 

@@ -16,7 +16,7 @@ PADDED_MAX_TOKENS = 128
 # In bfloat16 / float16 the grouped product gives each expert's rows to oneDNN as a matmul of that row count,
 # and oneDNN builds a kernel per new shape: with counts that change every batch (training, prefill) the builds
 # cost more than the products (`python benchmarks/moe_experts.py`: 2048 tokens 51 -> 12 ms, a training step
-# of 2048 tokens 4.3x faster). From this many (token, expert) pairs each expert's rows are padded with zero
+# of 2048 tokens 3.6-4.3x faster). From this many (token, expert) pairs each expert's rows are padded with zero
 # rows to a multiple of GROUP_ROWS, so that a few dozen shapes recur. float32 takes another path that
 # builds nothing, and padding only slows it.
 GROUP_ROWS = 64
