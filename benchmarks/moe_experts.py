@@ -1,4 +1,6 @@
-"""How LatentMoE runs its plain experts, timed side by side: one grouped product per projection
+"""How LatentMoE runs its plain experts, timed side by side. For one token (a decode step): its experts one
+after another against the general way (sort the pairs by expert, grouped product, scatter back). For more: one
+grouped product per projection
 (`F.grouped_mm`, each expert's rows padded to a multiple of GROUP_ROWS from GROUP_PAD_MIN_PAIRS pairs), the
 same without that padding, and one batched product over experts padded to the busiest one (`torch.bmm`).
 
@@ -70,11 +72,27 @@ def main() -> None:
     print(f"{args.experts} experts of {args.latent} -> {args.inter} -> {args.latent}, top-{args.top_k}, "
           f"{torch.get_num_threads()} threads, rows padded to {moe_module.GROUP_ROWS} from "
           f"{moe_module.GROUP_PAD_MIN_PAIRS} pairs; a new routing for every call")
-    print(f"{'dtype':>9} {'tokens':>6} {'grouped ms':>10} {'unpadded ms':>11} {'bmm ms':>8} {'max diff':>9}")
+    models = {}
     for dtype in (torch.float32, torch.bfloat16):
-        moe = LatentMoE(config, 0).to(dtype)
+        models[dtype] = moe = LatentMoE(config, 0).to(dtype)
         for p in moe.parameters():
             torch.nn.init.normal_(p, std=0.05)
+
+    print("\none token, the whole expert step (routing weights applied, summed into the token's row)")
+    print(f"{'dtype':>9} {'one-token ms':>12} {'sorted ms':>10} {'speed-up':>9} {'max diff':>9}")
+    for dtype, moe in models.items():
+        cases = []
+        for ids, _ in routings(1, args.experts, args.top_k, 403):
+            weights = torch.rand(1, args.top_k)
+            cases.append((torch.randn(1, args.latent, dtype=dtype), weights, ids[torch.randperm(args.top_k)][None]))
+        with torch.inference_mode():
+            diff = max((moe._one_token_experts(*c).float() - moe._sorted_experts(*c).float()).abs().max().item()
+                       for c in cases[:3])
+            t1, ts = (timed(fn, cases[:3], cases[3:]) for fn in (moe._one_token_experts, moe._sorted_experts))
+        print(f"{str(dtype).split('.')[-1]:>9} {t1 * 1e3:>12.3f} {ts * 1e3:>10.3f} {ts / t1:>8.2f}x {diff:>9.1e}")
+
+    print(f"\n{'dtype':>9} {'tokens':>6} {'grouped ms':>10} {'unpadded ms':>11} {'bmm ms':>8} {'max diff':>9}")
+    for dtype, moe in models.items():
         for n in map(int, args.tokens.split(",")):
             reps = max(5, min(200, 4000 // n))
             cases = [(torch.randn(n * args.top_k, args.latent, dtype=dtype), counts, ids)

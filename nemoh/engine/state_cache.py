@@ -2,10 +2,14 @@
 
 Unlike KV blocks the state does not grow with the sequence, so a sequence needs exactly one slot from its
 first prefill chunk until it finishes or is preempted. The verbs match `BlockManager`.
+
+The lowest free slot is handed out first, so that the running sequences' slots stay close together: a decode
+step then updates their states as one view of the cache instead of gathering and scattering them
+(`ForwardContext.mamba_decode_slot_window`).
 """
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 import torch
 
@@ -17,7 +21,7 @@ class StateCache:
         if num_slots < 1:
             raise ValueError(f"StateCache: num_slots must be >= 1, got {num_slots}")
         self.num_slots = num_slots
-        self._free: deque[int] = deque(range(num_slots))
+        self._free: list[int] = list(range(num_slots))       # a heap
 
     @property
     def num_free_slots(self) -> int:
@@ -35,14 +39,14 @@ class StateCache:
             return
         if not self._free:
             raise RuntimeError("StateCache: no free slot")
-        seq.state_slot = self._free.popleft()
+        seq.state_slot = heapq.heappop(self._free)
 
     def append(self, seq: Sequence) -> None:
         """The state has a fixed size: growing a sequence needs nothing."""
 
     def free(self, seq: Sequence) -> None:
         if seq.state_slot is not None:
-            self._free.append(seq.state_slot)
+            heapq.heappush(self._free, seq.state_slot)
             seq.state_slot = None
 
 

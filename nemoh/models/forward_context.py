@@ -120,9 +120,22 @@ class ForwardContext:
                 torch.tensor([self.state_slots[i] for i in seqs], device=device))
 
     @cached_property
-    def mamba_decode_slot_span(self) -> slice | None:
-        """The decode sequences' slots when they are consecutive, so that their states are one view."""
-        return consecutive_span([self.state_slots[i] for i in self.mamba_decode_seqs])
+    def mamba_decode_slot_window(self) -> tuple[slice, torch.Tensor | None] | None:
+        """The decode sequences' states as one view of the cache: (the slots from the lowest to the highest of
+        theirs, each sequence's place in that window, None when the window is exactly their slots in order).
+        None when the window would be more than twice as many slots as sequences: then gathering their
+        states costs less than stepping the slots in between (which the decode step leaves unchanged)."""
+        slots = [self.state_slots[i] for i in self.mamba_decode_seqs]
+        if not slots:
+            return None
+        span = consecutive_span(slots)
+        if span is not None:
+            return span, None
+        low, high = min(slots), max(slots)
+        if high - low + 1 > 2 * len(slots):
+            return None
+        device = self.slot_mapping.device if self.slot_mapping is not None else None
+        return slice(low, high + 1), torch.tensor([s - low for s in slots], device=device)
 
     @cached_property
     def decode_attention_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -198,9 +198,18 @@ class Mamba2Mixer(nn.Module):
         act = F.silu(act)
         conv_cache[slots] = window[:, :, 1:].to(conv_cache.dtype)
         x, B, C = self._split_xbc(act)
-        span = ctx.mamba_decode_slot_span
-        if span is not None and ssm_cache.dtype == torch.float32:
-            out = ssd_step_(ssm_cache[span], x, dt[rows], A, B, C)                                # 4. in place
+        slot_window = ctx.mamba_decode_slot_window
+        if slot_window is not None and ssm_cache.dtype == torch.float32:
+            span, place = slot_window
+            step_inputs = (x, dt[rows], B, C)
+            if place is not None:
+                # slots out of order or with others between them: step the whole window in place, the others
+                # with dt = 0 and x = 0, which leaves a state exactly as it is (decay exp(0) = 1, update 0)
+                step_inputs = tuple(t.new_zeros(span.stop - span.start, *t.shape[1:]).index_copy_(0, place, t)
+                                    for t in step_inputs)
+            out = ssd_step_(ssm_cache[span], step_inputs[0], step_inputs[1], A, *step_inputs[2:])   # 4. in place
+            if place is not None:
+                out = out[place]
         else:
             state = ssm_cache[slots].float()
             out = ssd_step_(state, x, dt[rows], A, B, C)

@@ -87,15 +87,22 @@ class LatentMoE(nn.Module):
         return routed + self.shared_experts(x)                                               # 5.
 
     def _run_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(num_tokens, width): each token's weighted sum over its experts' outputs."""
+        if ids.shape[0] == 1 and not torch.is_grad_enabled():
+            return self._one_token_experts(u, weights, ids)
+        return self._sorted_experts(u, weights, ids)
+
+    def _sorted_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group the (token, expert) pairs by expert, run the experts on their pairs, then add each pair's
         weighted output to its token's row."""
         num_tokens, top_k = ids.shape
+        plain = self._projections()[2]
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         token_of_pair = order // top_k
         inputs = u[token_of_pair]                                     # (num_tokens * k, width), expert-sorted
-        if self._projections()[2]:
+        if plain:
             if 1 < num_tokens <= PADDED_MAX_TOKENS and u.dtype != torch.float32 and not torch.is_grad_enabled():
                 pair_out = self._padded_experts(inputs, counts, flat_ids[order])
             else:
@@ -166,6 +173,18 @@ class LatentMoE(nn.Module):
                 outputs.append(down(relu2(up(inputs[start:start + count]))))
                 start += count
         return torch.cat(outputs)
+
+    def _one_token_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A decode step's single token: its k experts one after another, with no sorting or scatter. The
+        grouped product runs a matmul for every expert, the empty ones too (12 of the demo model's 16 for one
+        token): `python benchmarks/moe_experts.py`, first table."""
+        ups, downs, plain = self._projections()
+        if plain:       # the weights directly: a module call costs about as much as a tiny matmul
+            up_w, down_w = self._stacked_weights()
+            outs = [F.linear(relu2(F.linear(u, up_w[e])), down_w[e]) for e in ids[0].tolist()]
+        else:
+            outs = [downs[e](relu2(ups[e](u))) for e in ids[0].tolist()]
+        return (torch.cat(outs).float() * weights[0, :, None]).sum(0, keepdim=True).to(u.dtype)
 
 
 def _pad_groups(inputs: torch.Tensor, counts: torch.Tensor, multiple: int):

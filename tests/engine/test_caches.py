@@ -49,6 +49,20 @@ def test_state_cache_slots():
     assert c.state_slot is not None and c.state_slot != b.state_slot
 
 
+def test_state_cache_hands_out_the_lowest_free_slot():
+    """Slots stay packed at the low end, so that a decode batch's states are one window of the cache."""
+    sc = StateCache(num_slots=6)
+    seqs = [make_seq() for _ in range(5)]
+    for s in seqs:
+        sc.allocate(s)
+    assert [s.state_slot for s in seqs] == [0, 1, 2, 3, 4]
+    sc.free(seqs[3])
+    sc.free(seqs[1])
+    late = make_seq()
+    sc.allocate(late)
+    assert late.state_slot == 1
+
+
 def test_cache_tensors_and_sizes():
     kv = allocate_kv_caches([1, 5], num_blocks=3, block_size=4, num_kv_heads=2, head_dim=8,
                             dtype=torch.float16, device="cpu")

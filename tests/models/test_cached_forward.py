@@ -191,3 +191,27 @@ def test_forward_for_some_rows_keeps_every_cache_complete(model):
                 continue
             want = full[end - 1:end] if rows else full[start:end]
             assert rel(model.compute_logits(hidden), want) <= 1e-4
+
+
+@pytest.mark.parametrize("decoding,window", [([0, 1, 2, 3, 4], "view"), ([3, 0, 4], "window"), ([0, 4], "gather")])
+def test_decode_states_in_place_out_of_order_or_gathered_agree(model, decoding, window):
+    """A decode batch steps its sequences' Mamba states in place when their slots are close together (in
+    order: a view; out of order or with other sequences' slots between them: the whole window, the others
+    left exactly as they are) and gathers them otherwise. All three give the full forward's logits."""
+    seqs = {s: tokens(12, 20 + s) for s in range(5)}
+    fulls = {s: model(torch.tensor([seq]))[0] for s, seq in seqs.items()}
+    caches = Caches(model, 5, 32)
+    caches.run(model, {s: seq[:8] for s, seq in seqs.items()})
+    for pos in range(8, 12):
+        before = {layer: ssm.clone() for layer, (_, ssm) in caches.mamba.items()}
+        out, ctx = caches.run(model, {s: [seqs[s][pos]] for s in decoding})
+        kind = ctx.mamba_decode_slot_window
+        assert (kind is None) == (window == "gather")
+        assert (kind is not None and kind[1] is None) == (window == "view")
+        for s in decoding:
+            assert rel(out[s][0], fulls[s][pos]) <= 1e-4, f"sequence {s} at position {pos}"
+        for layer, (_, ssm) in caches.mamba.items():
+            for s in set(range(5)) - set(decoding):
+                assert torch.equal(ssm[s], before[layer][s]), f"slot {s} changed without being decoded"
+        for s in set(range(5)) - set(decoding):
+            caches.run(model, {s: [seqs[s][pos]]})

@@ -59,6 +59,37 @@ def test_grouped_experts_match_one_matmul_per_expert():
         assert (grad is not None and grad.abs().sum() > 0) == (e in used)
 
 
+def test_one_token_experts_match_the_sorted_way_for_dense_and_module_experts():
+    """A decode step's token runs its experts one after another; row by row it must give what the batched
+    (sorted, grouped, scattered) way gives, with dense weights and with expert modules (as quantized ones)."""
+    torch.manual_seed(4)
+    moe = LatentMoE(NemotronHConfig.from_dict(CONFIG), 2)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = torch.randn(6, 32)
+
+    class ModuleLinear(nn.Linear):          # not a plain nn.Linear: takes the module-call branch
+        pass
+
+    with torch.inference_mode():
+        batched = moe(x)
+        for i in range(len(x)):
+            torch.testing.assert_close(moe(x[i:i + 1]), batched[i:i + 1], rtol=1e-5, atol=1e-5)
+        for e in moe.experts:
+            for name in ("up_proj", "down_proj"):
+                dense = getattr(e, name)
+                module = ModuleLinear(dense.in_features, dense.out_features, bias=False)
+                module.weight = nn.Parameter(dense.weight.detach().clone())
+                setattr(e, name, module)
+        assert not moe._projections()[2]
+        for i in range(len(x)):
+            torch.testing.assert_close(moe(x[i:i + 1]), batched[i:i + 1], rtol=1e-5, atol=1e-5)
+        weights, ids = moe.gate(x[:1])
+        u = moe.fc1_latent_proj(x[:1])
+        wrong = moe._one_token_experts(u, weights, ids.roll(1, dims=1))      # experts paired with others' weights
+        assert not torch.allclose(wrong, moe._sorted_experts(u, weights, ids), rtol=1e-3, atol=1e-3)
+
+
 def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32():
     torch.manual_seed(1)
     # widths in multiples of 8: the grouped product needs 16-byte strides in bfloat16, as real models have
