@@ -22,6 +22,8 @@ The recipe, in the order a step runs:
    generation_config.json), `train_log.jsonl`, and `trainer_state.pt` (fp32 weights + optimizer) for
    `--resume`. The final checkpoint is re-loaded and its logits compared with the trained model's.
 6. `--eval N`: greedy-decode N held-out prompts and score the tool calls and plain replies.
+7. `--ema DECAY`: also keep an exponential moving average of the weights (and router biases), updated after
+   every step, and save it as a second checkpoint in `OUT/ema` (evaluated too with `--eval`).
 """
 from __future__ import annotations
 
@@ -329,6 +331,38 @@ class RouterBalancer:
             handle.remove()
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point state (weights and router biases), in
+    float32. The decay starts low and grows to `decay` ((1 + n) / (10 + n) after n updates), so that the
+    average does not remember the random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+        self.tensors = [v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.tensors, [state[k].detach().float() for k in self.names], 1.0 - d)
+        self.updates += 1
+
+    def averaged_model(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` holding the averaged state."""
+        out = copy.deepcopy(model)
+        out.load_state_dict({**out.state_dict(), **dict(zip(self.names, self.tensors))})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "tensors": dict(zip(self.names, self.tensors))}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.updates = saved["updates"]
+        self.tensors = [saved["tensors"][k].float().clone() for k in self.names]
+
+
 def lr_at(step: int, progress: float, peak: float, warmup: int, min_ratio: float) -> float:
     warm = min(1.0, (step + 1) / max(1, warmup))
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -525,6 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="directory with a trainer_state.pt to continue from")
     p.add_argument("--eval", type=int, default=0, help="greedy-decode N held-out prompts at the end")
     p.add_argument("--eval-show", type=int, default=0, help="print the first N evaluation replies")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of a moving average of the weights saved to OUT/ema (0: none)")
     args = p.parse_args(argv)
     if args.minutes is None and args.steps is None:
         args.minutes = 60.0
@@ -563,12 +599,15 @@ def main(argv: list[str] | None = None) -> int:
     model = NemotronHForCausalLM(config)
     init_weights(model, raw_config)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    average = WeightAverage(model, args.ema) if args.ema else None
     state = {"step": 0, "tokens": 0, "targets": 0, "elapsed": 0.0, "position": 0}
     if args.resume:
         saved = torch.load(Path(args.resume) / STATE_FILE, weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state.update(saved["counters"])
+        if average is not None and "ema" in saved:
+            average.load_state_dict(saved["ema"])
     budget = args.minutes * 60 if args.minutes else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({config.hybrid_override_pattern} + MTP "
@@ -612,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 optimizer.step()
                 imbalance = balancer.update()
+                if average is not None:
+                    average.update(model)
                 dt = time.time() - t_step
                 step_times.append(dt)
                 state["step"] += 1
@@ -654,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(1)
                 if time.time() - last_save > args.save_minutes * 60:
                     state["elapsed"] = time.time() - run_start
-                    _save_all(model, optimizer, raw_config, out, state)
+                    _save_all(model, optimizer, raw_config, out, state, average)
                     last_save = time.time()
     finally:
         stream.close()
@@ -662,26 +703,37 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.close()
     state["elapsed"] = time.time() - run_start
-    _save_all(model, optimizer, raw_config, out, state)
+    _save_all(model, optimizer, raw_config, out, state, average)
     model.eval()
-    diff = verify_checkpoint(model, out, sample if sample is not None else torch.tensor([[1, 10, 100, 11]]))
+    sample = sample if sample is not None else torch.tensor([[1, 10, 100, 11]])
+    diff = verify_checkpoint(model, out, sample)
     print(f"\nsaved {out} after {state['step']} steps, {state['tokens']:,} tokens ({state['targets']:,} targets), "
           f"{state['elapsed'] / 60:.1f} min, {state['tokens'] / max(state['elapsed'], 1e-9):.0f} tok/s overall, "
           f"epoch {stream.epoch:.2f}; reload check: max |logit diff| {diff:.2e}")
     print(summarize(log))
-    if args.eval:
+    finals = [(model, out)]
+    if average is not None:
+        averaged = average.averaged_model(model).eval()
+        verify_checkpoint(averaged, out / "ema", sample)
+        finals.append((averaged, out / "ema"))
+        print(f"saved {out / 'ema'}: the weights averaged with decay {args.ema:g} over {average.updates} steps")
+    for trained, where in finals if args.eval else ():
         t = time.time()
-        result = evaluate(model, args.eval, seed=args.seed, show=args.eval_show)
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"eval ({time.time() - t:.0f}s): " + ", ".join(
+        result = evaluate(trained, args.eval, seed=args.seed, show=args.eval_show)
+        (where / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"eval of {where} ({time.time() - t:.0f}s): " + ", ".join(
             f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     print(f"total {(time.time() - t0) / 60:.1f} min")
     return 0
 
 
-def _save_all(model, optimizer, raw_config: dict, out: Path, state: dict) -> None:
+def _save_all(model, optimizer, raw_config: dict, out: Path, state: dict,
+              average: WeightAverage | None = None) -> None:
     save_checkpoint(model, raw_config, out)
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "counters": dict(state)}
+    if average is not None:
+        save_checkpoint(average.averaged_model(model), raw_config, out / "ema")
+        payload["ema"] = average.state_dict()
     _atomic(out / STATE_FILE, lambda p: torch.save(payload, p))
 
 

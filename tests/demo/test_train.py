@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     out = root / "ckpt"
     rc = train.main(["--out", str(out), "--config", str(config), "--steps", "20", "--examples", "64",
                      "--batch-tokens", "2560", "--lr", "4e-3", "--warmup", "4", "--log-every", "1",
-                     "--workers", "0", "--seed", "1"])
+                     "--workers", "0", "--seed", "1", "--ema", "0.9"])
     assert rc == 0
     return out
 
@@ -163,6 +163,35 @@ def test_checkpoint_loads_with_matching_logits(run):
     assert torch.allclose(loaded(ids), reference(ids), atol=1e-4, rtol=0)
     assert not torch.equal(reference.backbone.layers[2].mixer.gate.e_score_correction_bias,
                            torch.zeros(TINY["n_routed_experts"]))
+
+
+def test_weight_average_follows_the_weights_with_a_growing_decay():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = train.WeightAverage(model, decay=0.5)
+    want = 0.0
+    for n, value in enumerate((10.0, 20.0, 30.0)):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update(model)
+        d = min(0.5, (1 + n) / (10 + n))
+        want = d * want + (1 - d) * value
+    assert torch.allclose(average.averaged_model(model).weight, torch.full((1, 2), want))
+    assert torch.equal(model.weight, torch.full((1, 2), 30.0))       # the model itself is left alone
+
+
+def test_averaged_weights_are_saved_as_a_second_checkpoint(run):
+    from nemoh.loader import load_model
+
+    final, averaged = load_model(run, dtype="float32"), load_model(run / "ema", dtype="float32")
+    saved = torch.load(run / train.STATE_FILE, weights_only=True)["ema"]
+    assert saved["updates"] == 20
+    ids = torch.randint(12, 4096, (1, 40))
+    assert not torch.allclose(final(ids), averaged(ids), atol=1e-3)
+    model = NemotronHForCausalLM(NemotronHConfig.from_dict(TINY))
+    model.load_state_dict({**model.state_dict(), **saved["tensors"]})
+    assert torch.allclose(averaged(ids), train.saved_copy(model)(ids), atol=1e-4, rtol=0)
 
 
 def test_score_reply_parses_tool_calls():
