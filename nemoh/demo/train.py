@@ -339,8 +339,9 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-        self.tensors = [v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()]
+        floating = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.names = list(floating)
+        self.tensors = [v.detach().float().clone() for v in floating.values()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

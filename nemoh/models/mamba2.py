@@ -201,13 +201,13 @@ class Mamba2Mixer(nn.Module):
         slot_window = ctx.mamba_decode_slot_window
         if slot_window is not None and ssm_cache.dtype == torch.float32:
             span, place = slot_window
-            step_inputs = (x, dt[rows], B, C)
+            x_w, dt_w, B_w, C_w = x, dt[rows], B, C
             if place is not None:
                 # slots out of order or with others between them: step the whole window in place, the others
                 # with dt = 0 and x = 0, which leaves a state exactly as it is (decay exp(0) = 1, update 0)
-                step_inputs = tuple(t.new_zeros(span.stop - span.start, *t.shape[1:]).index_copy_(0, place, t)
-                                    for t in step_inputs)
-            out = ssd_step_(ssm_cache[span], step_inputs[0], step_inputs[1], A, *step_inputs[2:])   # 4. in place
+                x_w, dt_w, B_w, C_w = (t.new_zeros(span.stop - span.start, *t.shape[1:]).index_copy_(0, place, t)
+                                       for t in (x_w, dt_w, B_w, C_w))
+            out = ssd_step_(ssm_cache[span], x_w, dt_w, A, B_w, C_w)                                # 4. in place
             if place is not None:
                 out = out[place]
         else:

@@ -96,13 +96,12 @@ class LatentMoE(nn.Module):
         """Group the (token, expert) pairs by expert, run the experts on their pairs, then add each pair's
         weighted output to its token's row."""
         num_tokens, top_k = ids.shape
-        plain = self._projections()[2]
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         token_of_pair = order // top_k
         inputs = u[token_of_pair]                                     # (num_tokens * k, width), expert-sorted
-        if plain:
+        if self._projections()[2]:
             if 1 < num_tokens <= PADDED_MAX_TOKENS and u.dtype != torch.float32 and not torch.is_grad_enabled():
                 pair_out = self._padded_experts(inputs, counts, flat_ids[order])
             else:
