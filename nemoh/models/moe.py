@@ -15,10 +15,10 @@ from nemoh.models.mlp import MLP, relu2
 PADDED_MAX_TOKENS = 128
 # In bfloat16 / float16 the grouped product gives each expert's rows to oneDNN as a matmul of that row count,
 # and oneDNN builds a kernel per new shape: with counts that change every batch (training, prefill) the builds
-# cost more than the products (`python benchmarks/moe_experts.py`: 2048 tokens 51 -> 12 ms, a training step
-# of 2048 tokens 3.6-4.3x faster). From this many (token, expert) pairs each expert's rows are padded with zero
-# rows to a multiple of GROUP_ROWS, so that a few dozen shapes recur. float32 takes another path that
-# builds nothing, and padding only slows it.
+# cost more than the products (`python benchmarks/moe_experts.py`: 2048 tokens 51 -> 12-15 ms, a training
+# step of 2048 tokens 3.6-4.5x faster, over runs). From this many (token, expert) pairs each expert's rows
+# are padded with zero rows to a multiple of GROUP_ROWS, so that a few dozen shapes recur. float32 takes
+# another path that builds nothing, and padding only slows it.
 GROUP_ROWS = 64
 GROUP_PAD_MIN_PAIRS = 512
 
@@ -147,8 +147,8 @@ class LatentMoE(nn.Module):
     def _padded_experts(self, inputs: torch.Tensor, counts: torch.Tensor, expert_of_pair: torch.Tensor) -> torch.Tensor:
         """Every expert in one batched product per projection, each expert's pairs padded to the busiest
         expert's count. For bfloat16 on this project's CPU it beats the grouped product from 4 to about 128
-        tokens (16 experts of 256 -> 512, a new routing each call: 32 tokens 1.0 vs 1.6 ms; above 128 tokens
-        the grouped product with padded rows wins, 512 tokens 7.2 vs 5.1 ms), not for one token, nor in
+        tokens (16 experts of 256 -> 512, a new routing each call: 32 tokens 1.0-1.1 vs 1.6-1.9 ms over runs;
+        above 128 tokens the grouped product with padded rows wins, 512 tokens 7.2-7.5 vs 5.1-5.8 ms), not for one token, nor in
         float32 (`python benchmarks/moe_experts.py`)."""
         up, down = self._stacked_weights()
         starts = counts.cumsum(0) - counts
