@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.close()
     state["elapsed"] = time.time() - run_start
-    _save_all(model, optimizer, raw_config, out, state, average)
+    averaged = _save_all(model, optimizer, raw_config, out, state, average)
     model.eval()
     sample = sample if sample is not None else torch.tensor([[1, 10, 100, 11]])
     diff = verify_checkpoint(model, out, sample)
@@ -713,8 +713,8 @@ def main(argv: list[str] | None = None) -> int:
           f"epoch {stream.epoch:.2f}; reload check: max |logit diff| {diff:.2e}")
     print(summarize(log))
     finals = [(model, out)]
-    if average is not None:
-        averaged = average.averaged_model(model).eval()
+    if averaged is not None:
+        averaged.eval()
         verify_checkpoint(averaged, out / "ema", sample)
         finals.append((averaged, out / "ema"))
         print(f"saved {out / 'ema'}: the weights averaged with decay {args.ema:g} over {average.updates} steps")
@@ -729,13 +729,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save_all(model, optimizer, raw_config: dict, out: Path, state: dict,
-              average: WeightAverage | None = None) -> None:
+              average: WeightAverage | None = None) -> nn.Module | None:
+    """Checkpoint the model (and the averaged copy, which is returned) plus the state to resume from."""
     save_checkpoint(model, raw_config, out)
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "counters": dict(state)}
+    averaged = None
     if average is not None:
-        save_checkpoint(average.averaged_model(model), raw_config, out / "ema")
+        averaged = average.averaged_model(model)
+        save_checkpoint(averaged, raw_config, out / "ema")
         payload["ema"] = average.state_dict()
     _atomic(out / STATE_FILE, lambda p: torch.save(payload, p))
+    return averaged
 
 
 def _progress_bar(total: int | None):

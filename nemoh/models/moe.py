@@ -148,8 +148,8 @@ class LatentMoE(nn.Module):
         """Every expert in one batched product per projection, each expert's pairs padded to the busiest
         expert's count. For bfloat16 on this project's CPU it beats the grouped product from 4 to about 128
         tokens (16 experts of 256 -> 512, a new routing each call: 32 tokens 1.0-1.1 vs 1.6-1.9 ms over runs;
-        above 128 tokens the grouped product with padded rows wins, 512 tokens 7.2-7.5 vs 5.1-5.8 ms), not for one token, nor in
-        float32 (`python benchmarks/moe_experts.py`)."""
+        above 128 tokens the grouped product with padded rows wins, 512 tokens 7.2-7.5 vs 5.1-5.8 ms), not for
+        one token, nor in float32 (`python benchmarks/moe_experts.py`)."""
         up, down = self._stacked_weights()
         starts = counts.cumsum(0) - counts
         slot = torch.arange(len(expert_of_pair), device=inputs.device) - starts[expert_of_pair]
