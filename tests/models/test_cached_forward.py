@@ -2,6 +2,8 @@
 and the multi-token step with per-position states (what speculative decoding rolls back to)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -215,3 +217,31 @@ def test_decode_states_in_place_out_of_order_or_gathered_agree(model, decoding, 
                 assert torch.equal(ssm[s], before[layer][s]), f"slot {s} changed without being decoded"
         for s in set(range(5)) - set(decoding):
             caches.run(model, {s: [seqs[s][pos]]})
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 2), (4, 4)])
+def test_one_query_attention_matches_sdpa(dtype, tol, heads, kv_heads):
+    """The decode path's own attention (two batched products, float32 softmax) against SDPA with the same
+    key mask, for sequences of different lengths padded to one width."""
+    from nemoh.models.attention import Attention
+
+    # only the attention's own keys
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                             attention_bias=False)
+    attn = Attention(config, 0)
+    g = torch.Generator().manual_seed(0)
+    b, width = 5, 24
+    q = torch.randn(b, heads, 16, generator=g).to(dtype)
+    keys, values = (torch.randn(b, width, kv_heads, 16, generator=g).to(dtype) for _ in range(2))
+    lens = torch.tensor([1, 7, 16, 23, 24])
+    mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None], keys.float().transpose(1, 2), values.float().transpose(1, 2), attn_mask=mask,
+        scale=attn.scale, enable_gqa=heads != kv_heads)[:, :, 0]
+    got = attn._one_query_attention(q, keys, values, mask)
+    assert got.dtype == dtype and got.shape == (b, heads, 16)
+    assert (got.float() - want).abs().max().item() < tol
+    # a sequence's padding keys do not matter: change them and nothing moves
+    keys[0, 1:] = 1e4
+    assert torch.equal(attn._one_query_attention(q, keys, values, mask)[0], got[0])
