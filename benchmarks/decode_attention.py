@@ -1,5 +1,6 @@
-"""One-query-a-row attention (every decode step, every MTP draft): CPU SDPA with a key mask against the
-engine's two batched products (`Attention._one_query_attention`), side by side, with a check they agree.
+"""A decode batch's attention (one query per sequence, keys padded under a mask): CPU SDPA against the two
+batched products of `Attention._one_query_attention`, side by side, with the largest difference between
+them. The engine takes the products for batches in bfloat16 / float16, SDPA otherwise, from this table.
 
     python benchmarks/decode_attention.py [--threads 2]
 
