@@ -8,6 +8,7 @@ from torch import nn
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext, consecutive_span
 from nemoh.models.fused import SharedWeight
+from nemoh.models.linear import Linear, PackedWeight
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -21,11 +22,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self._qkv_weight, self._qkv_bias = SharedWeight(stack=False), SharedWeight(stack=False)
+        self._qkv_packed = PackedWeight()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
@@ -44,11 +46,11 @@ class Attention(nn.Module):
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Inference with dense projections: one matmul for q, k and v together (fewer, larger products)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if torch.is_grad_enabled() or any(type(p) is not nn.Linear for p in projs):
+        if torch.is_grad_enabled() or any(type(p) is not Linear for p in projs):
             return tuple(p(x) for p in projs)
         weight = self._qkv_weight.get([p.weight for p in projs])
         bias = self._qkv_bias.get([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        return F.linear(x, weight, bias).split([p.out_features for p in projs], dim=-1)
+        return self._qkv_packed.linear(x, weight, bias).split([p.out_features for p in projs], dim=-1)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int) -> torch.Tensor:
         """q: (B, q_len, H, D), k/v: (B, kv_len, KVH, D) with kv_len = context_len + q_len."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
+from nemoh.models.linear import Linear
 from nemoh.models.norm import GatedGroupRMSNorm
 from nemoh.models.ssd import ssd_chunked, ssd_step_, ssd_steps
 
@@ -36,7 +37,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_kernel = config.conv_kernel
         self.chunk_size = config.chunk_size
         self.dt_min, self.dt_max = config.time_step_limit
-        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads,
+        self.in_proj = Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads,
                                  bias=config.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
                                 bias=config.use_conv_bias, padding=config.conv_kernel - 1)
@@ -44,7 +45,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedGroupRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
-        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+        self.out_proj = Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _conv(self, xbc: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

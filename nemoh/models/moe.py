@@ -8,6 +8,7 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.fused import SharedWeight
+from nemoh.models.linear import Linear
 from nemoh.models.mlp import MLP, relu2
 
 
@@ -72,8 +73,8 @@ class LatentMoE(nn.Module):
         self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size,
                                   bias=config.mlp_bias)
         if self.latent_size is not None:
-            self.fc1_latent_proj = nn.Linear(config.hidden_size, self.latent_size, bias=config.mlp_bias)
-            self.fc2_latent_proj = nn.Linear(self.latent_size, config.hidden_size, bias=config.mlp_bias)
+            self.fc1_latent_proj = Linear(config.hidden_size, self.latent_size, bias=config.mlp_bias)
+            self.fc2_latent_proj = Linear(self.latent_size, config.hidden_size, bias=config.mlp_bias)
         self._up, self._down = SharedWeight(stack=True), SharedWeight(stack=True)
         self._cached_projections: tuple | None = None
 
@@ -113,7 +114,7 @@ class LatentMoE(nn.Module):
         return out.index_add_(0, token_of_pair, pair_out).to(u.dtype)
 
     def _projections(self) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...], bool]:
-        """(up modules, down modules, whether all are dense nn.Linear without bias), cached: looking them up
+        """(up modules, down modules, whether all are dense `Linear`s without bias), cached: looking them up
         through nn.Module attributes costs more than a small expert's matmul. Rebuilt when the modules are
         swapped (quantization replaces them)."""
         cached = self._cached_projections
@@ -121,7 +122,7 @@ class LatentMoE(nn.Module):
         if cached is None or cached[0][0] is not first.up_proj or cached[1][-1] is not last.down_proj:
             ups = tuple(e.up_proj for e in self.experts)
             downs = tuple(e.down_proj for e in self.experts)
-            plain = all(type(p) is nn.Linear and p.bias is None for p in ups + downs)
+            plain = all(type(p) is Linear and p.bias is None for p in ups + downs)
             self._cached_projections = cached = (ups, downs, plain)
         return cached
 
@@ -180,7 +181,8 @@ class LatentMoE(nn.Module):
         ups, downs, plain = self._projections()
         if plain:       # the weights directly: a module call costs about as much as a tiny matmul
             up_w, down_w = self._stacked_weights()
-            outs = [F.linear(relu2(F.linear(u, up_w[e])), down_w[e]) for e in ids[0].tolist()]
+            outs = [downs[e].packed_weight.linear(relu2(ups[e].packed_weight.linear(u, up_w[e])), down_w[e])
+                    for e in ids[0].tolist()]
         else:
             outs = [downs[e](relu2(ups[e](u))) for e in ids[0].tolist()]
         return (torch.cat(outs).float() * weights[0, :, None]).sum(0, keepdim=True).to(u.dtype)

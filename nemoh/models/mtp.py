@@ -11,6 +11,7 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
+from nemoh.models.linear import Linear
 from nemoh.models.norm import RMSNorm
 
 
@@ -65,7 +66,7 @@ class MTPLayer(nn.Module):
         if is_first:
             self.enorm = RMSNorm(config.hidden_size, eps)
             self.hnorm = RMSNorm(config.hidden_size, eps)
-            self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+            self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.norm = RMSNorm(config.hidden_size, eps)
         self.mixer = make_mixer(layer_type, config, cache_idx)
         if is_last:

@@ -16,6 +16,7 @@ from torch import nn
 
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
+from nemoh.models.linear import Linear
 from nemoh.models.mtp import MTPBlock, make_mixer, run_layers
 from nemoh.models.norm import RMSNorm
 
@@ -46,7 +47,7 @@ class NemotronHForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = MTPBlock(config) if config.has_mtp else None
         # FP8 KV-cache scales found in the checkpoint (k_proj.k_scale / v_proj.v_scale), by layer index
         self.kv_scales: dict[int, tuple[float, float]] = {}

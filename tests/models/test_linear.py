@@ -1,0 +1,73 @@
+"""The packed CPU product of `nemoh.models.linear` against `F.linear`, and when its copy is remade."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemoh.models.linear import PACKED_DTYPES, Linear, PackedWeight
+
+needs_packing = pytest.mark.skipif(torch.float32 not in PACKED_DTYPES, reason="PyTorch built without oneDNN")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_product_matches_f_linear(dtype, bias):
+    if dtype not in PACKED_DTYPES:
+        pytest.skip("this CPU has no bfloat16 arithmetic")
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=bias).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        for x in (torch.randn(1, 96), torch.randn(4, 96), torch.randn(2, 7, 96), torch.randn(96, 33).t()):
+            x = x.to(dtype)
+            got = layer(x)
+            assert got.shape == x.shape[:-1] + (200,)
+            torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), atol=tol, rtol=tol)
+        assert layer.packed_weight.packed is not None and layer.packed_weight.packed.is_mkldnn
+
+
+@needs_packing
+def test_copy_is_remade_when_the_weight_changes_in_place_or_is_replaced():
+    layer = Linear(16, 8, bias=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x)
+        first = layer.packed_weight.packed
+        layer(x)
+        assert layer.packed_weight.packed is first               # unchanged weight: the same copy
+        layer.weight.mul_(3.0)                                    # in place: the version counter moves
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+        assert layer.packed_weight.packed is not first
+        layer.weight = torch.nn.Parameter(torch.randn(8, 16))    # a new tensor
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+    with torch.inference_mode():                                  # a weight made under inference_mode
+        layer.weight = torch.nn.Parameter(torch.randn(8, 16))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+def test_training_and_other_dtypes_take_f_linear():
+    layer = Linear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()                                    # autograd on: F.linear, gradients flow
+    assert layer.weight.grad is not None and x.grad is not None
+    assert layer.packed_weight.packed is None
+    half = Linear(16, 8).to(torch.float16)
+    with torch.inference_mode():
+        xh = torch.randn(2, 16, dtype=torch.float16)
+        torch.testing.assert_close(half(xh), F.linear(xh, half.weight, half.bias))
+        assert half.packed_weight.packed is None                  # float16: not a packed dtype
+
+
+@needs_packing
+def test_copies_and_pickles_start_without_the_packed_copy():
+    layer = Linear(16, 8)
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert isinstance(clone.packed_weight, PackedWeight) and clone.packed_weight.packed is None
+        with torch.no_grad():
+            x = torch.randn(2, 16)
+            torch.testing.assert_close(clone(x), layer(x))
