@@ -8,8 +8,8 @@ decode batch; in bfloat16 0.9-1.8x, 1.4-2.2x and 1.25-2.0x; a 1024-row prefill c
 for CPU linears when it freezes weights (`torch.ops.mkldnn._linear_pointwise`).
 
 The packed copy is made on first use and remade whenever the weight changes (a new tensor, or an in-place
-write: `Tensor._version`, which tensors made under `torch.inference_mode` lack), so loading, quantizing or moving the model needs no extra step; it costs one
-more copy of each dense weight in memory. Training (autograd on), other devices and dtypes, or a PyTorch
+write: `Tensor._version`, which tensors made under `torch.inference_mode` lack), so loading, quantizing or
+moving the model needs no extra step; it costs one more copy of each dense weight in memory. Training (autograd on), other devices and dtypes, or a PyTorch
 built without oneDNN take `F.linear` unchanged.
 """
 from __future__ import annotations
@@ -32,6 +32,11 @@ def _packing_available() -> set[torch.dtype]:
 
 
 PACKED_DTYPES = _packing_available()
+# A oneDNN call costs about 20 us before any arithmetic, against 4-36 us for `F.linear` with a small weight
+# that is still in cache (most of the demo model's): there the packed product is slower (0.2-0.9x in float32
+# for 1 and 4 rows, `python benchmarks/cpu_linear.py --hot`), so weights under this size keep `F.linear`.
+# Those of a model larger than the cache come from memory, where packing pays from about 0.5 MB (1.2-1.5x).
+PACK_MIN_BYTES = 1 << 20
 
 
 class PackedWeight:
@@ -49,7 +54,8 @@ class PackedWeight:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype is not weight.dtype
-                or weight.dtype not in PACKED_DTYPES or weight.dim() != 2 or weight.is_meta):
+                or weight.dtype not in PACKED_DTYPES or weight.dim() != 2 or weight.is_meta
+                or weight.numel() * weight.element_size() < PACK_MIN_BYTES):
             return F.linear(x, weight, bias)
         # tensors made under inference_mode keep no version counter (and are seldom written in place)
         version = -1 if weight.is_inference() else weight._version

@@ -57,3 +57,23 @@ def test_request_that_never_fits_fails_alone(make_llm, greedy_ref):
     assert outs[0].outputs[0].token_ids == greedy_ref[1]
     assert outs[1].outputs[0].finish_reason == "error" and outs[1].error
     assert_idle(tiny.engine)
+
+
+def test_packed_products_keep_greedy_output(make_llm, ckpt, greedy_ref, monkeypatch):
+    """With every dense weight multiplied through its oneDNN packed copy (the tiny checkpoint's weights are
+    all under PACK_MIN_BYTES, so the other tests use `F.linear`): HF's greedy tokens, alone and in a batch,
+    with and without MTP."""
+    import nemoh.models.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+    _, hf = ckpt
+    packed = make_llm()
+    prompt = PROMPTS[0]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert packed.generate([prompt], greedy(32))[0].outputs[0].token_ids == ref[0, len(prompt):].tolist()
+    assert [o.outputs[0].token_ids for o in packed.generate(PROMPTS, greedy())] == greedy_ref
+    spec = make_llm(speculative_config={"method": "mtp", "num_speculative_tokens": 3})
+    assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, greedy())] == greedy_ref
+    lm_head = packed.engine.model.lm_head.packed_weight
+    assert not linear_module.PACKED_DTYPES or lm_head.packed is not None        # the packed path did run

@@ -6,15 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nemoh.models.linear as linear_module
 from nemoh.models.linear import PACKED_DTYPES, Linear, PackedWeight
 
 needs_packing = pytest.mark.skipif(torch.float32 not in PACKED_DTYPES, reason="PyTorch built without oneDNN")
 
 
+@pytest.fixture
+def pack_small(monkeypatch):
+    """These tests' weights are small; packing is otherwise kept for weights of PACK_MIN_BYTES and more."""
+    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+
+
 @needs_packing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_product_matches_f_linear(dtype, bias):
+def test_packed_product_matches_f_linear(dtype, bias, pack_small):
     if dtype not in PACKED_DTYPES:
         pytest.skip("this CPU has no bfloat16 arithmetic")
     torch.manual_seed(0)
@@ -30,7 +37,7 @@ def test_packed_product_matches_f_linear(dtype, bias):
 
 
 @needs_packing
-def test_copy_is_remade_when_the_weight_changes_in_place_or_is_replaced():
+def test_copy_is_remade_when_the_weight_changes_in_place_or_is_replaced(pack_small):
     layer = Linear(16, 8, bias=False)
     x = torch.randn(3, 16)
     with torch.no_grad():
@@ -62,7 +69,7 @@ def test_training_and_other_dtypes_take_f_linear():
 
 
 @needs_packing
-def test_copies_and_pickles_start_without_the_packed_copy():
+def test_copies_and_pickles_start_without_the_packed_copy(pack_small):
     layer = Linear(16, 8)
     with torch.no_grad():
         layer(torch.randn(2, 16))
@@ -71,3 +78,14 @@ def test_copies_and_pickles_start_without_the_packed_copy():
         with torch.no_grad():
             x = torch.randn(2, 16)
             torch.testing.assert_close(clone(x), layer(x))
+
+
+@needs_packing
+def test_only_weights_of_pack_min_bytes_and_more_are_packed():
+    small = Linear(64, linear_module.PACK_MIN_BYTES // (64 * 4) - 1)
+    large = Linear(64, linear_module.PACK_MIN_BYTES // (64 * 4))
+    with torch.inference_mode():
+        x = torch.randn(4, 64)
+        torch.testing.assert_close(small(x), F.linear(x, small.weight, small.bias))
+        torch.testing.assert_close(large(x), F.linear(x, large.weight, large.bias))
+    assert small.packed_weight.packed is None and large.packed_weight.packed is not None
