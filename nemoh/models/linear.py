@@ -33,10 +33,12 @@ def _packing_available() -> set[torch.dtype]:
 
 PACKED_DTYPES = _packing_available()
 # A oneDNN call costs about 20 us before any arithmetic, against 4-36 us for `F.linear` with a small weight
-# that is still in cache (most of the demo model's): there the packed product is slower (0.2-0.9x in float32
-# for 1 and 4 rows, `python benchmarks/cpu_linear.py --hot`), so weights under this size keep `F.linear`.
-# Those of a model larger than the cache come from memory, where packing pays from about 0.5 MB (1.2-1.5x).
-PACK_MIN_BYTES = 1 << 20
+# that is still in cache: there the packed product is slower (0.2-0.9x in float32 for 1 and 4 rows, the
+# demo model's smallest shapes, `python benchmarks/cpu_linear.py --hot`), so weights under this size keep
+# `F.linear`. From 0.5 MiB it pays for weights that come from memory, as in any model larger than the cache
+# (engine_vs_hf's experts and latent projections: single-stream float32 decode 56.1 / 58.0 tok/s against
+# 51.0 / 52.9 with a 1 MiB threshold, alternating runs).
+PACK_MIN_BYTES = 1 << 19
 
 
 class PackedWeight:
