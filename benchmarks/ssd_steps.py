@@ -2,7 +2,10 @@
 timed side by side: all positions at once through a (t x t) decay matrix, against one in-place step per
 position. ssd_steps takes the first up to SSD_STEPS_BATCHED_MAX_BYTES of states (all sequences together),
 the second above; this
-prints what that choice rests on, and checks the two agree.
+prints what that choice rests on, and checks the two agree. A second table times the output product of one
+decode step, y = state C for every (sequence, head), as `ssd_step_` takes it (a batched product of one row,
+Cᵀ against the transposed state) against a batched product of the state and one column C, over states
+that are not in cache (several copies cycled), for 1 and 32 sequences.
 
     python benchmarks/ssd_steps.py [--steps 4] [--batch 1]
 
@@ -61,6 +64,21 @@ def main() -> None:
             taken = "all at once" if nbytes <= SSD_STEPS_BATCHED_MAX_BYTES else "step by step"
             print(f"{f'{h}x{p}x{n}':>14} {nbytes / 1024:11.0f} {at_once * 1e6:15.0f} {stepwise * 1e6:16.0f} "
                   f"{taken:>13}")
+
+    print("\none decode step's output y = state C, us (states cycled through 8 copies, out of cache)")
+    print(f"{'sequences x h x p x n':>22} {'state MiB':>9} {'column us':>10} {'row us':>8} {'speed-up':>9}")
+    with torch.inference_mode():
+        for seqs in (1, 32):
+            for h, p, n, _ in SHAPES[:4]:
+                states = [torch.randn(seqs * h, p, n) for _ in range(8)]
+                c = torch.randn(seqs * h, n, 1)
+                turn = iter(range(10 ** 9))
+                column = timed(lambda: torch.bmm(states[next(turn) % 8], c))
+                row = timed(lambda: torch.bmm(c.transpose(1, 2), states[next(turn) % 8].transpose(1, 2)))
+                torch.testing.assert_close(torch.bmm(c.transpose(1, 2), states[0].transpose(1, 2)).transpose(1, 2),
+                                           torch.bmm(states[0], c))
+                print(f"{f'{seqs} x {h}x{p}x{n}':>22} {states[0].numel() * 4 / 2 ** 20:9.2f} {column * 1e6:10.0f} "
+                      f"{row * 1e6:8.0f} {column / row:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -90,12 +90,15 @@ def ssd_step_(
     """
     bsz, num_heads, head_dim, state_size = state.shape
     Bh = _expand_groups(B.float(), num_heads, 1).reshape(bsz * num_heads, 1, state_size)
-    Ch = _expand_groups(C.float(), num_heads, 1).reshape(bsz * num_heads, state_size, 1)
+    Ch = _expand_groups(C.float(), num_heads, 1).reshape(bsz * num_heads, 1, state_size)
     xdt = (x.float() * dt.float()[..., None]).reshape(bsz * num_heads, head_dim, 1)
     flat = state.view(bsz * num_heads, head_dim, state_size)
     flat.mul_(torch.exp(dt.float() * A.float()).reshape(-1, 1, 1))
     flat.baddbmm_(xdt, Bh)
-    return torch.bmm(flat, Ch).view(bsz, num_heads, head_dim)
+    # y = state C as the row product Cᵀ stateᵀ: the same sums, 1.1-3.4x faster than the product with one
+    # column (`python benchmarks/ssd_steps.py`, second table; a 32-sequence step of engine_vs_hf's 16x64x64
+    # states 1116 -> 420 us a layer)
+    return torch.bmm(Ch, flat.transpose(1, 2)).view(bsz, num_heads, head_dim)
 
 
 def ssd_step(state, x, dt, A, B, C) -> tuple[torch.Tensor, torch.Tensor]:
