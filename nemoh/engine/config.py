@@ -56,6 +56,8 @@ class EngineArgs:
     cache_memory_gb: float | None = None           # memory for KV blocks + Mamba slots; None: a fraction of free
     gpu_memory_utilization: float = 0.9            # fraction of free device memory used for caches on CUDA
     cpu_memory_utilization: float = 0.25           # fraction of available RAM used for caches on CPU
+    cpu_packed_weights: bool = True                # CPU: multiply by oneDNN-packed copies of the weights of
+                                                   # 0.5 MiB+ (faster; one more copy of each in memory)
     num_kv_blocks: int | None = None               # explicit cache sizes (tests); override the memory budget
     num_state_slots: int | None = None
     # speculative decoding
@@ -84,6 +86,8 @@ class EngineArgs:
             bad("mamba_ssm_cache_dtype", f"must be one of {SSM_CACHE_DTYPES}")
         if self.cache_memory_gb is not None and not self.cache_memory_gb > 0:
             bad("cache_memory_gb", "must be > 0")
+        if not isinstance(self.cpu_packed_weights, bool):
+            bad("cpu_packed_weights", "must be True or False")
         for name in ("gpu_memory_utilization", "cpu_memory_utilization"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 bad(name, "must be in (0, 1]")

@@ -18,6 +18,7 @@ from nemoh.engine.scheduler import ScheduledSeq
 from nemoh.engine.sequence import Sequence
 from nemoh.engine.state_cache import allocate_mamba_caches, state_bytes_per_slot
 from nemoh.models.forward_context import ForwardContext
+from nemoh.models.linear import PACK_MIN_BYTES, packed_bytes_estimate, set_packing
 
 logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
@@ -60,6 +61,9 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, model.dtype)
         self.conv_dtype = model.dtype
         self.ssm_dtype = getattr(torch, args.mamba_ssm_cache_dtype or cfg.mamba_ssm_cache_dtype)
+        set_packing(model, args.cpu_packed_weights)
+        # the packed copies are made on first use, after the caches take their share of the free memory
+        self.packed_bytes = packed_bytes_estimate(model) if self.device.type == "cpu" else 0
         self.num_kv_blocks, self.num_state_slots = self._size_caches(max_model_len, k)
         self.kv_caches = allocate_kv_caches(self.kv_layer_ids, self.num_kv_blocks, self.block_size,
                                             cfg.num_key_value_heads, cfg.head_dim, self.kv_dtype, self.device)
@@ -70,6 +74,10 @@ class ModelRunner:
         if args.kv_cache_dtype == "fp8":
             scales = getattr(model, "kv_scales", None) or {}
             self.kv_scales = {i: tuple(scales.get(i, (1.0, 1.0))) for i in self.kv_layer_ids}
+        if self.packed_bytes:
+            logger.info("nemoh CPU products: packed copies of the dense weights of %.1f MiB and more, %.3f GiB more "
+                        "memory (cpu_packed_weights=False turns them off)", PACK_MIN_BYTES / 2 ** 20,
+                        self.packed_bytes / GiB)
         logger.info(
             "nemoh cache: %d KV blocks x %d tokens = %d tokens of KV (%s, %d layers), %d Mamba state slots "
             "(ssm %s), %.3f GiB", self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.block_size,
@@ -87,7 +95,7 @@ class ModelRunner:
             budget = int(args.cache_memory_gb * GiB)
         else:
             fraction = args.gpu_memory_utilization if self.device.type == "cuda" else args.cpu_memory_utilization
-            budget = int(available_memory_bytes(self.device) * fraction)
+            budget = int(max(0, available_memory_bytes(self.device) - self.packed_bytes) * fraction)
         slots = args.num_state_slots
         if slots is None:
             slots = args.max_num_seqs

@@ -43,18 +43,19 @@ PACK_MIN_BYTES = 1 << 19
 class PackedWeight:
     """One weight's packed copy, keyed by what identifies its current contents."""
 
-    __slots__ = ("key", "packed")
+    __slots__ = ("key", "packed", "enabled")
 
     def __init__(self):
         self.key: tuple | None = None
         self.packed: torch.Tensor | None = None
+        self.enabled = True
 
     def __reduce__(self):
         # a copied or pickled module starts without the copy (an opaque oneDNN tensor cannot be copied)
         return PackedWeight, ()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype is not weight.dtype
+        if (not self.enabled or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype is not weight.dtype
                 or weight.dtype not in PACKED_DTYPES or weight.dim() != 2 or weight.is_meta
                 or weight.numel() * weight.element_size() < PACK_MIN_BYTES):
             return F.linear(x, weight, bias)
@@ -68,6 +69,32 @@ class PackedWeight:
         if bias is not None and bias.dtype is not x.dtype:
             bias = bias.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether CPU inference will make a packed copy of this weight (its dtype, size and device)."""
+    return (weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and weight.dim() == 2
+            and weight.numel() * weight.element_size() >= PACK_MIN_BYTES)
+
+
+def packed_copies(model: nn.Module) -> list[PackedWeight]:
+    """Every PackedWeight a model's modules hold (each `Linear`'s, and the fused ones layers keep)."""
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, PackedWeight)]
+
+
+def set_packing(model: nn.Module, enabled: bool) -> None:
+    """Switch a model's packed products on or off; off also frees the copies already made."""
+    for copy_ in packed_copies(model):
+        copy_.enabled = enabled
+        if not enabled:
+            copy_.key = copy_.packed = None
+
+
+def packed_bytes_estimate(model: nn.Module) -> int:
+    """The memory the packed copies of a model's dense weights will take, about (one copy of each weight
+    that `packable` accepts; q/k/v counted apart, as their fused copy holds the same bytes)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, Linear) and m.packed_weight.enabled and packable(m.weight))
 
 
 class Linear(nn.Linear):

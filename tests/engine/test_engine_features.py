@@ -128,6 +128,8 @@ def test_engine_args_validation(make_llm, llm):
 
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineArgs(kv_cache_dtype="int3")
+    with pytest.raises(ValueError, match="cpu_packed_weights"):
+        EngineArgs(cpu_packed_weights="no")
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineArgs(speculative_config={"method": "mtp", "num_speculative_tokens": 0})
     with pytest.raises(ValueError, match="unknown engine arguments"):

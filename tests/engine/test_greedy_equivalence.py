@@ -77,3 +77,22 @@ def test_packed_products_keep_greedy_output(make_llm, ckpt, greedy_ref, monkeypa
     assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, greedy())] == greedy_ref
     lm_head = packed.engine.model.lm_head.packed_weight
     assert not linear_module.PACKED_DTYPES or lm_head.packed is not None        # the packed path did run
+
+
+def test_cpu_packed_weights_switch_and_memory_estimate(make_llm, greedy_ref, monkeypatch):
+    """cpu_packed_weights=False keeps every product on F.linear (no copy is made); on, the runner counts the
+    copies' memory before it sizes the caches from the free memory."""
+    import nemoh.models.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+    off = make_llm(cpu_packed_weights=False)
+    assert off.engine.runner.packed_bytes == 0
+    assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, greedy())] == greedy_ref
+    assert all(c.packed is None for c in linear_module.packed_copies(off.engine.model))
+    on = make_llm()
+    if linear_module.PACKED_DTYPES:
+        model = on.engine.model
+        dense = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, linear_module.Linear))
+        assert on.engine.runner.packed_bytes == dense
+        on.generate(PROMPTS[:1], greedy(2))
+        assert model.lm_head.packed_weight.packed is not None
