@@ -9,8 +9,10 @@ for CPU linears when it freezes weights (`torch.ops.mkldnn._linear_pointwise`).
 
 The packed copy is made on first use and remade whenever the weight changes (a new tensor, or an in-place
 write: `Tensor._version`, which tensors made under `torch.inference_mode` lack), so loading, quantizing or
-moving the model needs no extra step; it costs one more copy of each dense weight in memory. Training (autograd on), other devices and dtypes, or a PyTorch
-built without oneDNN take `F.linear` unchanged.
+moving the model needs no extra step. It costs one more copy of each weight of PACK_MIN_BYTES and more in
+memory, which the engine counts before it sizes its caches (`EngineArgs.cpu_packed_weights` turns packing
+off). Training (autograd on), other devices and dtypes, or a PyTorch built without oneDNN take `F.linear`
+unchanged.
 """
 from __future__ import annotations
 
@@ -55,9 +57,7 @@ class PackedWeight:
         return PackedWeight, ()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (not self.enabled or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype is not weight.dtype
-                or weight.dtype not in PACKED_DTYPES or weight.dim() != 2 or weight.is_meta
-                or weight.numel() * weight.element_size() < PACK_MIN_BYTES):
+        if not self.enabled or torch.is_grad_enabled() or x.dtype is not weight.dtype or not packable(weight):
             return F.linear(x, weight, bias)
         # tensors made under inference_mode keep no version counter (and are seldom written in place)
         version = -1 if weight.is_inference() else weight._version
@@ -72,7 +72,7 @@ class PackedWeight:
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """Whether CPU inference will make a packed copy of this weight (its dtype, size and device)."""
+    """Whether CPU inference makes a packed copy of this weight (its device, dtype, rank and size)."""
     return (weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and weight.dim() == 2
             and weight.numel() * weight.element_size() >= PACK_MIN_BYTES)
 
@@ -84,10 +84,10 @@ def packed_copies(model: nn.Module) -> list[PackedWeight]:
 
 def set_packing(model: nn.Module, enabled: bool) -> None:
     """Switch a model's packed products on or off; off also frees the copies already made."""
-    for copy_ in packed_copies(model):
-        copy_.enabled = enabled
+    for packed in packed_copies(model):
+        packed.enabled = enabled
         if not enabled:
-            copy_.key = copy_.packed = None
+            packed.key = packed.packed = None
 
 
 def packed_bytes_estimate(model: nn.Module) -> int:

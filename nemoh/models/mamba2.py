@@ -38,7 +38,7 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = config.chunk_size
         self.dt_min, self.dt_max = config.time_step_limit
         self.in_proj = Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads,
-                                 bias=config.use_bias)
+                              bias=config.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
                                 bias=config.use_conv_bias, padding=config.conv_kernel - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
