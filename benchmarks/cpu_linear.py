@@ -8,7 +8,7 @@ down, an expert's up and down in the latent width. Each timing cycles through en
 layer's weights are read once; the median of 5 passes of 40 products is shown, with the bytes of weight
 read per second. With --hot: the demo model's shapes (lm_head, Mamba in_proj, q/k/v, an expert's up and
 down, the shared expert's down), one copy each, so that the weight stays in cache as most of the small demo
-model's do. The product is forced to the packed path here whatever its size (PACK_MIN_BYTES, which this
+model's do. The product is forced to the packed path here whatever its size (PACK_MIN_ELEMENTS, which this
 table is for, keeps one row against a small weight on `F.linear`).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--hot", action="store_true", help="the demo's shapes, weights in cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    linear_module.PACK_MIN_BYTES = 0
+    linear_module.PACK_MIN_ELEMENTS = 0
     print(f"{'dtype':>8} {'rows':>4} {'out x in':>11} {'F.linear us':>11} {'packed us':>9} {'GB/s':>11} {'x':>5}")
     for name in args.dtype:
         dtype = getattr(torch, name)

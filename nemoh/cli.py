@@ -83,7 +83,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--cache-memory-gb", type=float, default=None, help="memory for KV blocks + Mamba state slots")
     g.add_argument("--cpu-packed-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU: oneDNN-packed copies of the weights of 0.5 MiB+ (faster; more memory). Default on")
+                   help="CPU: oneDNN-packed copies of the weights of 131072+ elements (faster; more memory). Default on")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
     g.add_argument("--seed", type=int, default=None)
 

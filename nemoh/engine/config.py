@@ -57,7 +57,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9            # fraction of free device memory used for caches on CUDA
     cpu_memory_utilization: float = 0.25           # fraction of available RAM used for caches on CPU
     cpu_packed_weights: bool = True                # CPU: multiply by oneDNN-packed copies of the weights of
-                                                   # 0.5 MiB+ (faster; one more copy of each in memory)
+                                                   # 131072+ elements (faster; one more copy of each in memory)
     num_kv_blocks: int | None = None               # explicit cache sizes (tests); override the memory budget
     num_state_slots: int | None = None
     # speculative decoding

@@ -18,7 +18,7 @@ from nemoh.engine.scheduler import ScheduledSeq
 from nemoh.engine.sequence import Sequence
 from nemoh.engine.state_cache import allocate_mamba_caches, state_bytes_per_slot
 from nemoh.models.forward_context import ForwardContext
-from nemoh.models.linear import PACK_MIN_BYTES, packed_bytes_estimate, set_packing
+from nemoh.models.linear import PACK_MIN_ELEMENTS, packed_bytes_estimate, set_packing
 
 logger = logging.getLogger(__name__)
 GiB = 1024 ** 3
@@ -75,8 +75,8 @@ class ModelRunner:
             scales = getattr(model, "kv_scales", None) or {}
             self.kv_scales = {i: tuple(scales.get(i, (1.0, 1.0))) for i in self.kv_layer_ids}
         if self.packed_bytes:
-            logger.info("nemoh CPU products: packed copies of the dense weights of %.1f MiB and more, %.3f GiB more "
-                        "memory (cpu_packed_weights=False turns them off)", PACK_MIN_BYTES / 2 ** 20,
+            logger.info("nemoh CPU products: packed copies of the dense weights of %d elements and more, %.3f GiB "
+                        "more memory (cpu_packed_weights=False turns them off)", PACK_MIN_ELEMENTS,
                         self.packed_bytes / GiB)
         logger.info(
             "nemoh cache: %d KV blocks x %d tokens = %d tokens of KV (%s, %d layers), %d Mamba state slots "

@@ -9,7 +9,7 @@ for CPU linears when it freezes weights (`torch.ops.mkldnn._linear_pointwise`).
 
 The packed copy is made on first use and remade whenever the weight changes (a new tensor, or an in-place
 write: `Tensor._version`, which tensors made under `torch.inference_mode` lack), so loading, quantizing or
-moving the model needs no extra step. It costs one more copy of each weight of PACK_MIN_BYTES and more in
+moving the model needs no extra step. It costs one more copy of each weight of PACK_MIN_ELEMENTS and more in
 memory, which the engine counts before it sizes its caches (`EngineArgs.cpu_packed_weights` turns packing
 off). Training (autograd on), other devices and dtypes, or a PyTorch built without oneDNN take `F.linear`
 unchanged.
@@ -37,9 +37,12 @@ PACKED_DTYPES = _packing_available()
 # A oneDNN call costs about 20 us before any arithmetic, against 4-36 us for `F.linear` with a small weight
 # that is still in cache: there the packed product is slower (0.2-0.9x in float32 for 1 and 4 rows, the
 # demo model's smallest shapes, `python benchmarks/cpu_linear.py --hot`), so weights under this size keep
-# `F.linear`. From 0.5 MiB it pays for weights that come from memory, as in any model larger than the cache
-# (engine_vs_hf's experts and latent projections, 512 x 256 in float32: 1.49x for one row, cold).
-PACK_MIN_BYTES = 1 << 19
+# `F.linear`. From 131072 elements (0.5 MiB in float32, 0.25 MiB in bfloat16) it pays for weights that come
+# from memory, as in any model larger than the cache: engine_vs_hf's experts and latent projections, 512 x 256,
+# 1.49x for one row in float32 and 1.66x in bfloat16, cold; in the engine, single-stream bfloat16 decode on
+# engine_vs_hf's checkpoint 61.6 / 54.1 / 52.2 tok/s against 57.8 / 53.4 / 46.9 with the bfloat16 experts
+# left out (a 0.5 MiB threshold), alternating runs.
+PACK_MIN_ELEMENTS = 1 << 17
 
 
 class PackedWeight:
@@ -74,7 +77,7 @@ class PackedWeight:
 def packable(weight: torch.Tensor) -> bool:
     """Whether CPU inference makes a packed copy of this weight (its device, dtype, rank and size)."""
     return (weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and weight.dim() == 2
-            and weight.numel() * weight.element_size() >= PACK_MIN_BYTES)
+            and weight.numel() >= PACK_MIN_ELEMENTS)
 
 
 def packed_copies(model: nn.Module) -> list[PackedWeight]:

@@ -61,11 +61,11 @@ def test_request_that_never_fits_fails_alone(make_llm, greedy_ref):
 
 def test_packed_products_keep_greedy_output(make_llm, ckpt, greedy_ref, monkeypatch):
     """With every dense weight multiplied through its oneDNN packed copy (the tiny checkpoint's weights are
-    all under PACK_MIN_BYTES, so the other tests use `F.linear`): HF's greedy tokens, alone and in a batch,
+    all under PACK_MIN_ELEMENTS, so the other tests use `F.linear`): HF's greedy tokens, alone and in a batch,
     with and without MTP."""
     import nemoh.models.linear as linear_module
 
-    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)
     _, hf = ckpt
     packed = make_llm()
     prompt = PROMPTS[0]
@@ -84,7 +84,7 @@ def test_cpu_packed_weights_switch_and_memory_estimate(make_llm, greedy_ref, mon
     copies' memory before it sizes the caches from the free memory."""
     import nemoh.models.linear as linear_module
 
-    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)
     off = make_llm(cpu_packed_weights=False)
     assert off.engine.runner.packed_bytes == 0
     assert [o.outputs[0].token_ids for o in off.generate(PROMPTS, greedy())] == greedy_ref

@@ -14,8 +14,8 @@ needs_packing = pytest.mark.skipif(torch.float32 not in PACKED_DTYPES, reason="P
 
 @pytest.fixture
 def pack_small(monkeypatch):
-    """These tests' weights are small; packing is otherwise kept for weights of PACK_MIN_BYTES and more."""
-    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+    """These tests' weights are small; packing is otherwise kept for weights of PACK_MIN_ELEMENTS and more."""
+    monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)
 
 
 @needs_packing
@@ -81,9 +81,9 @@ def test_copies_and_pickles_start_without_the_packed_copy(pack_small):
 
 
 @needs_packing
-def test_only_weights_of_pack_min_bytes_and_more_are_packed():
-    small = Linear(64, linear_module.PACK_MIN_BYTES // (64 * 4) - 1)
-    large = Linear(64, linear_module.PACK_MIN_BYTES // (64 * 4))
+def test_only_weights_of_pack_min_elements_and_more_are_packed():
+    small = Linear(64, linear_module.PACK_MIN_ELEMENTS // 64 - 1)
+    large = Linear(64, linear_module.PACK_MIN_ELEMENTS // 64)
     with torch.inference_mode():
         x = torch.randn(4, 64)
         torch.testing.assert_close(small(x), F.linear(x, small.weight, small.bias))
