@@ -69,8 +69,6 @@ class PackedWeight:
             self.packed = None          # the old copy goes before the new one is made, not after
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
             self.key = key
-        if bias is not None and bias.dtype is not x.dtype:
-            bias = bias.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
