@@ -88,6 +88,64 @@ def decode_floor_tps(model) -> tuple[float, float, float]:
     return bandwidth / total, total, bandwidth
 
 
+def product_ceiling_tps(llm, seqs: int, prompt_len: int, repeats: int = 5) -> tuple[float, int]:
+    """An upper bound on nemoh's decode rate with the operators it uses: one plain decode step of `seqs`
+    sequences is recorded (every aten operator call, through a dispatch mode), and only its products that
+    read model weights (oneDNN packed products, and mm / addmm / bmm / grouped_mm with a weight operand)
+    are replayed back to back, with the same operands. The weights of a step exceed this machine's cache,
+    so each replay reads them from memory as the step does. The fastest replay is the time a step would
+    take if everything else (norms, the Mamba scan, attention, routing, sampling, Python) cost nothing:
+    `seqs` / that time is the most tokens/s these products allow. Returns (tok/s, products per step)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nemoh import SamplingParams
+
+    engine = llm.engine
+    weight_storages = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    product_ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                   torch.ops.aten._grouped_mm.default}
+    packed_op = torch.ops.mkldnn._linear_pointwise.default
+
+    def reads_weight(args) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in weight_storages
+                   for a in args)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is packed_op or (func in product_ops and reads_weight(args)):
+                self.calls.append((func, args, kwargs))
+            return func(*args, **kwargs)
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for i, p in enumerate(prompts(seqs, prompt_len, CONFIG["vocab_size"])):
+        engine.add_request(f"ceiling-{i}", p, params)
+    while engine.scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                              for s in engine.scheduler.running):
+        engine.step()                                                  # prefill
+    for _ in range(4):
+        engine.step()
+    assert engine.scheduler.num_running == seqs
+    recorder = Recorder()
+    with recorder:
+        engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+
+    def replay():
+        with torch.inference_mode():
+            for func, args, kwargs in recorder.calls:
+                func(*args, **kwargs)
+
+    replay()
+    return seqs / timed(replay, repeats), len(recorder.calls)
+
+
 # ---- the two sides -------------------------------------------------------------------------------------
 def run_nemoh(path: str, s: dict, dtype: str) -> dict:
     from nemoh import LLM, SamplingParams
@@ -111,9 +169,12 @@ def run_nemoh(path: str, s: dict, dtype: str) -> dict:
     gen(prompts(1, 256, vocab), 1)
     tp = timed(lambda: gen(long, 1), r)
     floor, weight_bytes, bandwidth = decode_floor_tps(llm.engine.model)
+    ceiling_1, products_1 = product_ceiling_tps(llm, 1, s["prompt"])
+    ceiling_n, products_n = product_ceiling_tps(llm, s["requests"], s["prompt"])
     return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=s["requests"] * s["gen"] / tb,
                 batch_how="continuous batching", prefill_tps=s["prefill"] / tp, floor_tps=floor,
-                weight_mb=weight_bytes / 2**20, bandwidth_gbs=bandwidth / 1e9)
+                weight_mb=weight_bytes / 2**20, bandwidth_gbs=bandwidth / 1e9, ceiling_1=ceiling_1,
+                products_1=products_1, ceiling_n=ceiling_n, products_n=products_n)
 
 
 def run_hf(path: str, s: dict, dtype: str) -> dict:
@@ -207,6 +268,12 @@ def compare(args, size: str, dtype: str) -> None:
     print(f"HF batch baseline: {h['batch_how']}")
     print(f"single-stream decode floor: {n['weight_mb']:.0f} MB of weights per token / {n['bandwidth_gbs']:.1f} GB/s "
           f"measured copy bandwidth = {n['floor_tps']:.0f} tok/s (nemoh reaches {n['decode_tps'] / n['floor_tps']:.0%})")
+    print(f"products-only ceiling, single stream: a decode step's {n['products_1']} weight products replayed alone "
+          f"= {n['ceiling_1']:.0f} tok/s, {n['ceiling_1'] / h['decode_tps']:.2f}x HF (nemoh reaches "
+          f"{n['decode_tps'] / n['ceiling_1']:.0%})")
+    print(f"products-only ceiling, {s['requests']} sequences: a decode step's {n['products_n']} weight products "
+          f"replayed alone = {n['ceiling_n']:.0f} tok/s, {n['ceiling_n'] / h['batch_tps']:.2f}x HF's best batch "
+          f"(an upper bound on the {s['requests']}-request row, whose prefill adds time)")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from nemoh.models.linear import Linear
 from nemoh.models.mlp import MLP, relu2
 
 
-# Above this many tokens a batch's padding (to the busiest expert) costs more than it saves.
-PADDED_MAX_TOKENS = 128
+# Token counts for which inference runs the experts as one batched product padded to the busiest expert:
+# above the range the padding costs more than it saves. float32's grouped product builds no kernels (see
+# below), so it keeps fewer than 8 tokens (a verification's 4: a tie with experts from memory, 2.6% slower
+# steps on the demo model, whose experts stay in cache) and overtakes the padded one sooner.
+PADDED_TOKENS = range(2, 129)
+PADDED_TOKENS_FLOAT32 = range(8, 33)
 # In bfloat16 / float16 the grouped product gives each expert's rows to oneDNN as a matmul of that row count,
 # and oneDNN builds a kernel per new shape: with counts that change every batch (training, prefill) the builds
 # cost more than the products (`python benchmarks/moe_experts.py`: 2048 tokens 51 -> 12-15 ms, a training
@@ -103,7 +107,7 @@ class LatentMoE(nn.Module):
         token_of_pair = order // top_k
         inputs = u[token_of_pair]                                     # (num_tokens * k, width), expert-sorted
         if self._projections()[2]:
-            if 1 < num_tokens <= PADDED_MAX_TOKENS and u.dtype != torch.float32 and not torch.is_grad_enabled():
+            if num_tokens in padded_tokens(u.dtype) and not torch.is_grad_enabled():
                 pair_out = self._padded_experts(inputs, counts, flat_ids[order])
             else:
                 pair_out = self._grouped_experts(inputs, counts)
@@ -147,10 +151,12 @@ class LatentMoE(nn.Module):
 
     def _padded_experts(self, inputs: torch.Tensor, counts: torch.Tensor, expert_of_pair: torch.Tensor) -> torch.Tensor:
         """Every expert in one batched product per projection, each expert's pairs padded to the busiest
-        expert's count. For bfloat16 on this project's CPU it beats the grouped product from 4 to about 128
-        tokens (16 experts of 256 -> 512, a new routing each call: 32 tokens 1.0-1.1 vs 1.6-1.9 ms over runs;
-        above 128 tokens the grouped product with padded rows wins, 512 tokens 7.2-7.5 vs 5.1-5.8 ms), not for
-        one token, nor in float32 (`python benchmarks/moe_experts.py`)."""
+        expert's count. With the experts read from memory, as in a model's step (`python
+        benchmarks/moe_experts.py`, 16 experts of 256 -> 512, a skewed new routing each call, 8 layers in
+        turn), bfloat16: 32 tokens 1.40 vs 1.82 ms for the grouped product, 512 tokens 9.4 vs 6.6 ms;
+        float32: 8 tokens 2.42 vs 2.78 ms, 32 tokens 2.54 vs 2.99, 128 tokens 6.42 vs 4.70. In the engine, a
+        float32 decode step of engine_vs_hf's checkpoint, steps alternating between the two: 32 sequences
+        78.0 vs 85.0 ms, 8 sequences 40.2 vs 43.0 ms."""
         up, down = self._stacked_weights()
         starts = counts.cumsum(0) - counts
         slot = torch.arange(len(expert_of_pair), device=inputs.device) - starts[expert_of_pair]
@@ -186,6 +192,11 @@ class LatentMoE(nn.Module):
         else:
             outs = [downs[e](relu2(ups[e](u))) for e in ids[0].tolist()]
         return (torch.cat(outs).float() * weights[0, :, None]).sum(0, keepdim=True).to(u.dtype)
+
+
+def padded_tokens(dtype: torch.dtype) -> range:
+    """The token counts for which inference runs the experts as one padded batched product."""
+    return PADDED_TOKENS_FLOAT32 if dtype == torch.float32 else PADDED_TOKENS
 
 
 def _pad_groups(inputs: torch.Tensor, counts: torch.Tensor, multiple: int):

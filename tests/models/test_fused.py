@@ -9,6 +9,7 @@ from nemoh.config import NemotronHConfig
 from nemoh.models.attention import Attention
 from nemoh.models.forward_context import ForwardContext
 from nemoh.models.fused import SharedWeight
+import nemoh.models.moe as moe_module
 from nemoh.models.moe import LatentMoE
 from nemoh.models.ssd import SSD_STEPS_BATCHED_MAX_BYTES, ssd_step, ssd_steps
 
@@ -108,6 +109,25 @@ def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32():
         half(x[:1].bfloat16())                      # one token: the grouped product
     assert len(calls) == 1
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+def test_float32_inference_takes_the_padded_experts_only_in_its_token_range():
+    torch.manual_seed(2)
+    moe = LatentMoE(NemotronHConfig.from_dict(CONFIG), 2)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.3)
+    calls = []
+    original = moe._padded_experts
+    moe._padded_experts = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    inside = moe_module.PADDED_TOKENS_FLOAT32
+    with torch.no_grad():
+        for n in (inside.start - 1, inside.start, inside.stop - 1, inside.stop):
+            x = torch.randn(n, 32)
+            calls.clear()
+            out = moe(x)
+            assert bool(calls) == (n in inside), n
+            one_by_one = torch.cat([moe(x[i:i + 1]) for i in range(n)])   # one token: no padded product
+            torch.testing.assert_close(out, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_rows_of_the_grouped_experts_change_no_output_nor_gradient(monkeypatch):
