@@ -66,26 +66,46 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
+def weights_per_token(model) -> tuple[int, int]:
+    """(elements, bytes) of the weights one token multiplies by: everything but the embedding table (one row
+    is read) and the routed experts, plus top-k of the routed experts per MoE layer; MTP excluded."""
+    cfg = model.config
+    elements = size = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") or "embeddings" in name:
+            continue
+        share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1.0
+        elements += p.numel() * share
+        size += p.numel() * p.element_size() * share
+    return int(elements), int(size)
+
+
 def decode_floor_tps(model) -> tuple[float, float, float]:
-    """The bandwidth floor of single-stream decode: weight bytes one token must read (everything but the
-    routed experts, plus top-k experts per MoE layer; MTP excluded) over measured memory-copy bandwidth."""
+    """The bandwidth floor of single-stream decode: weight bytes one token must read over measured
+    memory-copy bandwidth."""
     import torch
 
-    cfg = model.config
-    total = 0
-    for name, p in model.named_parameters():
-        if name.startswith("mtp."):
-            continue
-        if ".experts." in name:
-            total += p.numel() * p.element_size() * cfg.num_experts_per_tok / cfg.n_routed_experts
-        else:
-            total += p.numel() * p.element_size()
+    total = weights_per_token(model)[1]
     src = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)
     t = timed(lambda: [dst.copy_(src) for _ in range(5)], 3)
     bandwidth = 2 * src.numel() * 4 * 5 / t           # bytes read + written per second
     return bandwidth / total, total, bandwidth
+
+
+def compute_ceiling_tps(model, dtype: str) -> tuple[float, float, float]:
+    """The compute ceiling of batched decode: this machine's matmul rate (a 2048 x 2048 x 2048 product in
+    the model's dtype, the shape that runs fastest) over the multiply-adds of a token's weight products
+    (2 per weight element; attention's and the scan's own products left out, which only lowers the bound).
+    No batch of decode steps can generate faster. Returns (tok/s, GFLOP/s, MFLOP per token)."""
+    import torch
+
+    flops_per_token = 2 * weights_per_token(model)[0]
+    a = torch.randn(2048, 2048).to(getattr(torch, dtype))
+    b = torch.randn(2048, 2048).to(getattr(torch, dtype))
+    rate = 2 * 2048**3 / timed(lambda: a @ b, 5)
+    return rate / flops_per_token, rate / 1e9, flops_per_token / 1e6
 
 
 def product_ceiling_tps(llm, seqs: int, prompt_len: int, repeats: int = 5) -> tuple[float, int]:
@@ -171,10 +191,12 @@ def run_nemoh(path: str, s: dict, dtype: str) -> dict:
     floor, weight_bytes, bandwidth = decode_floor_tps(llm.engine.model)
     ceiling_1, products_1 = product_ceiling_tps(llm, 1, s["prompt"])
     ceiling_n, products_n = product_ceiling_tps(llm, s["requests"], s["prompt"])
+    compute_tps, gflops, mflop_per_token = compute_ceiling_tps(llm.engine.model, dtype)
     return dict(decode_tps=(s["decode"] - 1) / (tn - t1), batch_tps=s["requests"] * s["gen"] / tb,
                 batch_how="continuous batching", prefill_tps=s["prefill"] / tp, floor_tps=floor,
                 weight_mb=weight_bytes / 2**20, bandwidth_gbs=bandwidth / 1e9, ceiling_1=ceiling_1,
-                products_1=products_1, ceiling_n=ceiling_n, products_n=products_n)
+                products_1=products_1, ceiling_n=ceiling_n, products_n=products_n, compute_tps=compute_tps,
+                gflops=gflops, mflop_per_token=mflop_per_token)
 
 
 def run_hf(path: str, s: dict, dtype: str) -> dict:
@@ -274,6 +296,9 @@ def compare(args, size: str, dtype: str) -> None:
     print(f"products-only ceiling, {s['requests']} sequences: a decode step's {n['products_n']} weight products "
           f"replayed alone = {n['ceiling_n']:.0f} tok/s, {n['ceiling_n'] / h['batch_tps']:.2f}x HF's best batch "
           f"(an upper bound on the {s['requests']}-request row, whose prefill adds time)")
+    print(f"compute ceiling, any batch: {n['mflop_per_token']:.0f} MFLOP of weight products a token / {n['gflops']:.0f} "
+          f"GFLOP/s measured on a 2048^3 product = {n['compute_tps']:.0f} tok/s, "
+          f"{n['compute_tps'] / h['batch_tps']:.2f}x HF's best batch")
 
 
 if __name__ == "__main__":
