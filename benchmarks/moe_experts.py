@@ -12,8 +12,8 @@ the next of `--layers` MoE layers (8 by default: 128 MiB of float32 experts at t
 this machine's cache), so that the weights come from memory as in a model's step, not from cache (with one
 layer timed over and over, float32's batched product looked no faster than the grouped one).
 LatentMoE takes the batched product for the token counts in PADDED_TOKENS (PADDED_TOKENS_FLOAT32 in float32)
-in inference, the grouped one otherwise; this prints what those choices rest on, and checks the ways agree. The last table
-is the trainer's case: forward + backward under bfloat16 autocast.
+in inference, the grouped one otherwise; this prints what those choices rest on, and checks the ways agree.
+The last table is the trainer's case: forward + backward under bfloat16 autocast.
 """
 from __future__ import annotations
 

@@ -5,11 +5,11 @@ import copy
 import torch
 from torch import nn
 
+import nemoh.models.moe as moe_module
 from nemoh.config import NemotronHConfig
 from nemoh.models.attention import Attention
 from nemoh.models.forward_context import ForwardContext
 from nemoh.models.fused import SharedWeight
-import nemoh.models.moe as moe_module
 from nemoh.models.moe import LatentMoE
 from nemoh.models.ssd import SSD_STEPS_BATCHED_MAX_BYTES, ssd_step, ssd_steps
 
