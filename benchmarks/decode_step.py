@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_vs_hf import CONFIG, build_checkpoint, prompts  # noqa: E402
+from engine_vs_hf import CONFIG, build_checkpoint, prompts, start_decode_batch  # noqa: E402
 
 
 def main() -> None:
@@ -43,14 +43,8 @@ def main() -> None:
         engine = llm.engine
         llm.generate(prompts(1, 128, CONFIG["vocab_size"]), SamplingParams(temperature=0, max_tokens=8))
         llm.generate(prompts(4, 128, CONFIG["vocab_size"]), SamplingParams(temperature=0, max_tokens=4))
-        params = SamplingParams(temperature=0, max_tokens=8 + 3 * 16 + 8, ignore_eos=True)
-        for i, p in enumerate(prompts(args.seqs, 128, CONFIG["vocab_size"])):
-            engine.add_request(str(i), p, params)
-        while engine.scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
-                                                  for s in engine.scheduler.running):
-            engine.step()                                                  # prefill
-        for _ in range(8):
-            engine.step()                                                  # warm-up
+        start_decode_batch(engine, args.seqs, 128,
+                           SamplingParams(temperature=0, max_tokens=8 + 3 * 16 + 8, ignore_eos=True), warm_steps=8)
         passes = []
         for _ in range(3):
             start = time.perf_counter()

@@ -108,6 +108,19 @@ def compute_ceiling_tps(model, dtype: str) -> tuple[float, float, float]:
     return rate / flops_per_token, rate / 1e9, flops_per_token / 1e6
 
 
+def start_decode_batch(engine, seqs: int, prompt_len: int, params, warm_steps: int) -> None:
+    """Adds `seqs` requests of `prompt_len`-token prompts together, prefills them and takes `warm_steps`
+    decode steps, so that the next step is a plain decode step of the whole batch."""
+    for i, p in enumerate(prompts(seqs, prompt_len, CONFIG["vocab_size"])):
+        engine.add_request(f"batch-{i}", p, params)
+    while engine.scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                              for s in engine.scheduler.running):
+        engine.step()                                                  # prefill
+    for _ in range(warm_steps):
+        engine.step()
+    assert engine.scheduler.num_running == seqs, "every sequence of the batch must still be decoding"
+
+
 def product_ceiling_tps(llm, seqs: int, prompt_len: int, repeats: int = 5) -> tuple[float, int]:
     """An upper bound on nemoh's decode rate with the operators it uses: one plain decode step of `seqs`
     sequences is recorded (every aten operator call, through a dispatch mode), and only its products that
@@ -142,15 +155,8 @@ def product_ceiling_tps(llm, seqs: int, prompt_len: int, repeats: int = 5) -> tu
                 self.calls.append((func, args, kwargs))
             return func(*args, **kwargs)
 
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for i, p in enumerate(prompts(seqs, prompt_len, CONFIG["vocab_size"])):
-        engine.add_request(f"ceiling-{i}", p, params)
-    while engine.scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
-                                              for s in engine.scheduler.running):
-        engine.step()                                                  # prefill
-    for _ in range(4):
-        engine.step()
-    assert engine.scheduler.num_running == seqs
+    start_decode_batch(engine, seqs, prompt_len, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                       warm_steps=4)
     recorder = Recorder()
     with recorder:
         engine.step()
