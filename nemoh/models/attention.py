@@ -143,10 +143,26 @@ class Attention(nn.Module):
         if b > 1 and q.dtype != torch.float32:
             out[rows] = self._one_query_attention(q[rows], keys, values, mask)
             return
+        if b == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+            kv_len = ctx.context_lens[ctx.single_token_seqs[0]] + 1
+            out[rows] = self._lone_query_attention(q[rows], keys[0], values[0], kv_len)
+            return
         res = F.scaled_dot_product_attention(
             q[rows][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)
         out[rows] = res[:, :, 0]
+
+    def _lone_query_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                              kv_len: int) -> torch.Tensor:
+        """One sequence's one query in bfloat16 / float16 on a CPU: q (1, H, D), keys / values (>= kv_len,
+        KVH, D) -> (1, H, D). CPU SDPA in these dtypes is 2-3x slower for one query row than for two (1200
+        keys: 345 against 110 us; `python benchmarks/decode_attention.py`), so the row is attended twice and
+        one copy kept; the result is the same bit for bit. The keys are cut to kv_len, so no mask is needed."""
+        two = q[:, :, None].expand(1, self.num_heads, 2, self.head_dim).contiguous()
+        res = F.scaled_dot_product_attention(
+            two, keys[:kv_len].transpose(0, 1)[None], values[:kv_len].transpose(0, 1)[None], scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        return res[:, :, 0]
 
     def _one_query_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                              mask: torch.Tensor) -> torch.Tensor:

@@ -245,3 +245,43 @@ def test_one_query_attention_matches_sdpa(dtype, tol, heads, kv_heads):
     # a sequence's padding keys do not matter: change them and nothing moves
     keys[0, 1:] = 1e4
     assert torch.equal(attn._one_query_attention(q, keys, values, mask)[0], got[0])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_lone_query_attention_matches_sdpa_and_is_taken_for_one_bfloat16_sequence(heads, kv_heads, monkeypatch,
+                                                                                  tiny_checkpoint):
+    """One sequence's one query in bfloat16: the query row attended twice gives what SDPA gives for it alone
+    (keys cut to the sequence's length instead of masked), and a single-sequence bfloat16 decode step on a
+    CPU goes this way."""
+    from nemoh.models.attention import Attention
+
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                             attention_bias=False)
+    attn = Attention(config, 0)
+    g = torch.Generator().manual_seed(0)
+    for kv_len in (1, 13, 32):
+        q = torch.randn(1, heads, 16, generator=g).to(torch.bfloat16)
+        keys, values = (torch.randn(32, kv_heads, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], keys[:kv_len].transpose(0, 1)[None], values[:kv_len].transpose(0, 1)[None],
+            scale=attn.scale, enable_gqa=heads != kv_heads)[:, :, 0]
+        got = attn._lone_query_attention(q, keys, values, kv_len)
+        assert got.dtype == torch.bfloat16 and got.shape == (1, heads, 16)
+        assert (got.float() - want.float()).abs().max().item() <= 1e-2
+        keys[kv_len:] = 1e4                              # keys past the sequence's length are never read
+        assert torch.equal(attn._lone_query_attention(q, keys, values, kv_len), got)
+
+    model = nemoh.load_model(tiny_checkpoint, dtype="bfloat16")
+    calls = []
+    for layer in model.backbone.layers:
+        if isinstance(layer.mixer, Attention):
+            real = layer.mixer._lone_query_attention
+            monkeypatch.setattr(layer.mixer, "_lone_query_attention",
+                                lambda *a, real=real: calls.append(a[-1]) or real(*a))
+    seq = tokens(10, 3)
+    full = model(torch.tensor([seq]))[0]
+    caches = Caches(model, 1, 32)
+    caches.run(model, {0: seq[:9]})
+    out, _ = caches.run(model, {0: [seq[9]]})
+    assert calls and set(calls) == {10}
+    assert rel(out[0][0].float(), full[9].float()) <= 5e-2
