@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_eval import DEMO_DIR, prompts_for  # noqa: E402
 
 from nemoh import LLM, SamplingParams  # noqa: E402
-from nemoh.cli import DEMO_CPU_DTYPE  # noqa: E402
 from nemoh.demo.corpus import generate  # noqa: E402
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEMO_DIR)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=12)
-    ap.add_argument("--dtype", default=DEMO_CPU_DTYPE)
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype (default: the checkpoint's, as served)")
     args = ap.parse_args()
     prompts = prompts_for(generate("heldout", args.prompts, seed=2), args.model)
     spec = {"method": "mtp", "num_speculative_tokens": args.k} if args.k else None

@@ -128,12 +128,11 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
             proc.wait()
 
 
-def test_demo_defaults_mtp_and_float32_on_cpu():
-    from nemoh.cli import DEMO_CPU_DTYPE, DEMO_SPECULATIVE_CONFIG, apply_demo_defaults
+def test_demo_defaults_mtp_on_and_the_checkpoint_dtype():
+    from nemoh.cli import DEMO_SPECULATIVE_CONFIG, apply_demo_defaults
 
     cpu = apply_demo_defaults({"dtype": "auto", "device": "cpu"})
-    assert cpu["dtype"] == DEMO_CPU_DTYPE == "float32" and cpu["speculative_config"] == DEMO_SPECULATIVE_CONFIG
-    assert apply_demo_defaults({"dtype": "bfloat16", "device": "cpu"})["dtype"] == "bfloat16"   # --dtype wins
-    assert apply_demo_defaults({"dtype": "auto", "device": "cuda"})["dtype"] == "auto"
+    assert cpu["dtype"] == "auto" and cpu["speculative_config"] == DEMO_SPECULATIVE_CONFIG
+    assert apply_demo_defaults({"dtype": "float32", "device": "cpu"})["dtype"] == "float32"     # --dtype wins
     no_mtp = apply_demo_defaults({"dtype": "auto", "device": "cpu", "speculative_config": None})
     assert no_mtp["speculative_config"] is None                                                # flag wins
