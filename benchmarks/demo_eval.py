@@ -6,11 +6,13 @@ the right arguments; on examples whose next turn needs no tool: rate of correct 
 non-empty content). FP8 and NVFP4 copies are written with `nemoh quantize` into a temporary directory
 (FP8 calibrated on training-split text, NVFP4 weight-only).
 
-Table 2: MTP speculative decoding at k = 1, 2, 3 against no MTP: mean acceptance rate, tokens per verify
-step, and single-stream decode speed (one request at a time, greedy, same prompts; time per output token after
-the first, as serving benchmarks measure it), with the speed-up.
+Table 2, for each compute dtype (bfloat16, as served, and float32): MTP speculative decoding at k = 1, 2, 3
+against no MTP: mean acceptance rate, tokens per verify step, and single-stream decode speed (one request at
+a time, greedy, same prompts; time per output token after the first, as serving benchmarks measure it), with
+the speed-up; then each dtype's k=0 and k=3 against the other dtype's k=0.
 
-Usage: python benchmarks/demo_eval.py [--model DIR] [--n 200] [--speed-n 16] [--formats bf16,fp8,nvfp4]
+Usage: python benchmarks/demo_eval.py [--model DIR] [--n 200] [--speed-n 12] [--formats bf16,fp8,nvfp4]
+       [--speed-dtypes bfloat16,float32]
 """
 from __future__ import annotations
 
@@ -92,33 +94,37 @@ def decode_pass(engine, prompts: list[str], params: SamplingParams) -> tuple[flo
     return tokens / decode_time, to_first / len(prompts)
 
 
-def run_speed(model_dir: Path, prompts: list[str], ks: list[int], max_tokens: int, dtype: str,
-              repeats: int = 5) -> dict[int, dict[str, float]]:
-    """Every k's engine is built first and the passes alternate between them, so that a slow spell of this
-    shared machine falls on all of them alike. Each k reports its median pass, and its speed-up is the median
-    over passes of its speed over k=0's in the same pass (the machine's speed drifts by a third within a
-    run, so passes far apart in time do not compare)."""
-    llms = {k: LLM(model_dir, dtype=dtype, max_num_seqs=1,
-                   speculative_config={"method": "mtp", "num_speculative_tokens": k} if k else None) for k in ks}
+def run_speed(model_dir: Path, prompts: list[str], ks: list[int], max_tokens: int, dtypes: list[str],
+              repeats: int = 5) -> dict[tuple[str, int], dict[str, float]]:
+    """Every (dtype, k) engine is built first and the passes alternate between them, so that a slow spell
+    of this shared machine falls on all of them alike. Each reports its median pass; its speed-up over any
+    other is the median over passes of the ratio of the two speeds in the same pass (the machine's speed
+    drifts by a third within a run, so passes far apart in time do not compare)."""
+    llms = {(dtype, k): LLM(model_dir, dtype=dtype, max_num_seqs=1,
+                            speculative_config={"method": "mtp", "num_speculative_tokens": k} if k else None)
+            for dtype in dtypes for k in ks}
     # replies end at their own eos (as served), so acceptance is measured on real replies, not on the
     # text a model rambles on with after it would have stopped
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     for llm in llms.values():
         llm.generate(prompts[:1], params)                    # warm-up, excluded
-    speeds: dict[int, list[float]] = {k: [] for k in ks}
-    ttfts: dict[int, list[float]] = {k: [] for k in ks}
+    speeds: dict[tuple[str, int], list[float]] = {key: [] for key in llms}
+    ttfts: dict[tuple[str, int], list[float]] = {key: [] for key in llms}
     for _ in range(repeats):
-        for k, llm in llms.items():
+        for key, llm in llms.items():
             stats = llm.engine.spec_stats
             stats.num_drafted = stats.num_accepted = stats.num_verifications = 0
             speed, to_first = decode_pass(llm.engine, prompts, params)
-            speeds[k].append(speed)
-            ttfts[k].append(to_first)
-    base = speeds[ks[0]]
-    return {k: {"tok/s": statistics.median(speeds[k]), "ttft": statistics.median(ttfts[k]),
-                "speed-up": statistics.median(s / b for s, b in zip(speeds[k], base)),
-                "acceptance": llms[k].engine.spec_stats.acceptance_rate,
-                "tokens/step": llms[k].engine.spec_stats.mean_accepted_length} for k in ks}
+            speeds[key].append(speed)
+            ttfts[key].append(to_first)
+    return {key: {"tok/s": statistics.median(speeds[key]), "ttft": statistics.median(ttfts[key]),
+                  "passes": speeds[key], "acceptance": llms[key].engine.spec_stats.acceptance_rate,
+                  "tokens/step": llms[key].engine.spec_stats.mean_accepted_length} for key in llms}
+
+
+def speed_up(a: list[float], b: list[float]) -> float:
+    """The median over passes of a's speed over b's in the same pass."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--formats", default="bf16,fp8,nvfp4", help="columns of table 1; empty: only the MTP table")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--speed-dtype", default="bfloat16",
-                    help="compute dtype of the MTP speed table (default: the checkpoint's, as `nemoh serve` runs the demo)")
+    ap.add_argument("--speed-dtypes", default="bfloat16,float32",
+                    help="compute dtypes of the MTP speed table (the first: the checkpoint's, as `nemoh serve` runs "
+                         "the demo)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     examples = generate("heldout", args.n, seed=args.seed)
@@ -159,16 +166,25 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{metric:18}" + "".join(f"{results[f][metric]:9.1f}%" for f in formats))
 
     speed_prompts = prompts_for(generate("heldout", args.speed_n, seed=args.seed + 1), args.model)
-    print(f"\nMTP speculative decoding, single stream, BF16 weights computed in {args.speed_dtype}, greedy, "
-          f"{args.speed_n} held-out prompts, medians of {args.speed_repeats} interleaved passes, "
-          f"whole replies (up to {args.max_tokens} tokens)")
-    print(f"{'k':>3} {'acceptance':>11} {'tokens/step':>12} {'decode tok/s':>13} {'speed-up':>9} {'TTFT ms':>8}")
-    speeds = run_speed(args.model, speed_prompts, [0, 1, 2, 3], args.max_tokens, args.speed_dtype,
-                       args.speed_repeats)
-    for k, r in speeds.items():
-        acc = f"{r['acceptance']:.3f}" if k else "-"
-        steps = f"{r['tokens/step']:.2f}" if k else "1.00"
-        print(f"{k:>3} {acc:>11} {steps:>12} {r['tok/s']:13.1f} {r['speed-up']:8.2f}x {r['ttft'] * 1e3:8.1f}")
+    dtypes = [d.strip() for d in args.speed_dtypes.split(",") if d.strip()]
+    ks = [0, 1, 2, 3]
+    speeds = run_speed(args.model, speed_prompts, ks, args.max_tokens, dtypes, args.speed_repeats)
+    for dtype in dtypes:
+        base = speeds[(dtype, 0)]["passes"]
+        print(f"\nMTP speculative decoding, single stream, BF16 weights computed in {dtype}, greedy, "
+              f"{args.speed_n} held-out prompts, medians of {args.speed_repeats} interleaved passes, "
+              f"whole replies (up to {args.max_tokens} tokens)")
+        print(f"{'k':>3} {'acceptance':>11} {'tokens/step':>12} {'decode tok/s':>13} {'speed-up':>9} {'TTFT ms':>8}")
+        for k in ks:
+            r = speeds[(dtype, k)]
+            acc = f"{r['acceptance']:.3f}" if k else "-"
+            steps = f"{r['tokens/step']:.2f}" if k else "1.00"
+            print(f"{k:>3} {acc:>11} {steps:>12} {r['tok/s']:13.1f} {speed_up(r['passes'], base):8.2f}x "
+                  f"{r['ttft'] * 1e3:8.1f}")
+    if len(dtypes) > 1:
+        print("\nAcross dtypes (median per-pass ratio): " + ", ".join(
+            f"{a} k={k} over {b} k=0 {speed_up(speeds[(a, k)]['passes'], speeds[(b, 0)]['passes']):.2f}x"
+            for a in dtypes for b in dtypes if a != b for k in (0, ks[-1])))
 
 
 if __name__ == "__main__":
