@@ -131,6 +131,15 @@ class Attention(nn.Module):
 
     def _attend_decode_batch(self, q, ctx: ForwardContext, k_cache, v_cache, scales, out) -> None:
         """All single-token sequences in one attention over their block tables, padded to the longest."""
+        span = ctx.decode_block_span
+        if span is not None and scales is None and q.dtype != torch.float32 and q.device.type == "cpu":
+            # one stream (a decode step, an MTP draft): its keys are a view, and no padded index is needed
+            i = ctx.single_token_seqs[0]
+            row = ctx.query_start_loc[i]
+            keys = k_cache[span].view(-1, self.num_kv_heads, self.head_dim).to(q.dtype)
+            values = v_cache[span].view(-1, self.num_kv_heads, self.head_dim).to(q.dtype)
+            out[row:row + 1] = self._lone_query_attention(q[row:row + 1], keys, values, ctx.context_lens[i] + 1)
+            return
         rows, tables, mask = ctx.decode_attention_index
         b = rows.shape[0]
         blocks = ctx.decode_block_span or tables          # a view of the cache where the blocks allow it
