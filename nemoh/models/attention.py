@@ -165,8 +165,9 @@ class Attention(nn.Module):
                               kv_len: int) -> torch.Tensor:
         """One sequence's one query in bfloat16 / float16 on a CPU: q (1, H, D), keys / values (>= kv_len,
         KVH, D) -> (1, H, D). CPU SDPA in these dtypes is 2-3x slower for one query row than for two (1200
-        keys: 345 against 110 us; `python benchmarks/decode_attention.py`), so the row is attended twice and
-        one copy kept; the result is the same bit for bit. The keys are cut to kv_len, so no mask is needed."""
+        keys: 340-426 against 101-164 us over two runs of `python benchmarks/decode_attention.py`), so the
+        row is attended twice and one copy kept; the result is the same bit for bit. The keys are cut to
+        kv_len, so no mask is needed."""
         two = q[:, :, None].expand(1, self.num_heads, 2, self.head_dim).contiguous()
         res = F.scaled_dot_product_attention(
             two, keys[:kv_len].transpose(0, 1)[None], values[:kv_len].transpose(0, 1)[None], scale=self.scale,
