@@ -131,14 +131,8 @@ class Attention(nn.Module):
 
     def _attend_decode_batch(self, q, ctx: ForwardContext, k_cache, v_cache, scales, out) -> None:
         """All single-token sequences in one attention over their block tables, padded to the longest."""
-        span = ctx.decode_block_span
-        if span is not None and scales is None and q.dtype != torch.float32 and q.device.type == "cpu":
-            # one stream (a decode step, an MTP draft): its keys are a view, and no padded index is needed
-            i = ctx.single_token_seqs[0]
-            row = ctx.query_start_loc[i]
-            keys = k_cache[span].view(-1, self.num_kv_heads, self.head_dim).to(q.dtype)
-            values = v_cache[span].view(-1, self.num_kv_heads, self.head_dim).to(q.dtype)
-            out[row:row + 1] = self._lone_query_attention(q[row:row + 1], keys, values, ctx.context_lens[i] + 1)
+        if len(ctx.single_token_seqs) == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+            self._attend_lone_stream(q, ctx, k_cache, v_cache, scales, out)
             return
         rows, tables, mask = ctx.decode_attention_index
         b = rows.shape[0]
@@ -152,14 +146,28 @@ class Attention(nn.Module):
         if b > 1 and q.dtype != torch.float32:
             out[rows] = self._one_query_attention(q[rows], keys, values, mask)
             return
-        if b == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
-            kv_len = ctx.context_lens[ctx.single_token_seqs[0]] + 1
-            out[rows] = self._lone_query_attention(q[rows], keys[0], values[0], kv_len)
-            return
         res = F.scaled_dot_product_attention(
             q[rows][:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads)
         out[rows] = res[:, :, 0]
+
+    def _attend_lone_stream(self, q, ctx: ForwardContext, k_cache, v_cache, scales, out) -> None:
+        """The one single-token sequence of a bfloat16 / float16 step on a CPU (a one-stream decode step, an
+        MTP draft): its keys as one view of the cache where its blocks are consecutive, no padded index or
+        mask (the demo's bfloat16 decode 4-6% faster without them, in runs alternating with the padded way)."""
+        i = ctx.single_token_seqs[0]
+        kv_len = ctx.context_lens[i] + 1
+        blocks = ctx.decode_block_span or torch.tensor(
+            ctx.block_tables[i][: (kv_len + ctx.block_size - 1) // ctx.block_size], dtype=torch.long,
+            device=q.device)
+        keys = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+        values = v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+        if scales is not None:
+            keys, values = keys.to(q.dtype) * scales[0], values.to(q.dtype) * scales[1]
+        else:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        row = ctx.query_start_loc[i]
+        out[row:row + 1] = self._lone_query_attention(q[row:row + 1], keys, values, kv_len)
 
     def _lone_query_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                               kv_len: int) -> torch.Tensor:
@@ -181,7 +189,7 @@ class Attention(nn.Module):
         Two batched products with each KV head's query heads as the rows, softmax in float32. Used for a
         batch of sequences in bfloat16 / float16, where CPU SDPA with a key mask is much slower: 32 x 256
         keys of the engine benchmark's shape 5.9 ms against 1.1 ms (`python benchmarks/decode_attention.py`,
-        2 threads); in float32, and for one sequence, SDPA is as fast or faster and stays."""
+        2 threads); in float32 SDPA is as fast or faster and stays; one sequence takes `_attend_lone_stream`."""
         b, kv_len = keys.shape[0], keys.shape[1]
         group = self.num_heads // self.num_kv_heads        # query head h reads KV head h // group
         q = q.view(b, self.num_kv_heads, group, self.head_dim)

@@ -252,7 +252,8 @@ def test_lone_query_attention_matches_sdpa_and_is_taken_for_one_bfloat16_sequenc
                                                                                   tiny_checkpoint):
     """One sequence's one query in bfloat16: the query row attended twice gives what SDPA gives for it alone
     (keys cut to the sequence's length instead of masked), and a single-sequence bfloat16 decode step on a
-    CPU goes this way."""
+    CPU goes this way, with its blocks in order (one view of the cache) or not (gathered), and with an fp8
+    cache as a batch of two does."""
     from nemoh.models.attention import Attention
 
     config = SimpleNamespace(hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
@@ -292,3 +293,13 @@ def test_lone_query_attention_matches_sdpa_and_is_taken_for_one_bfloat16_sequenc
         assert (ctx.decode_block_span is None) == isinstance(caches, ReversedBlocks)
         assert calls and set(calls) == {10}
         assert rel(out[0][0].float(), full[9].float()) <= 5e-2
+
+    # an fp8 KV cache (keys scaled back on the way in): one stream alone gives what a batch of two gives
+    fp8 = Caches(model, 3, 32)
+    fp8.kv = {i: (k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)) for i, (k, v) in fp8.kv.items()}
+    fp8.run(model, {s: seq[:9] for s in range(3)})
+    calls.clear()
+    alone, _ = fp8.run(model, {0: [seq[9]]})
+    assert calls
+    batch, _ = fp8.run(model, {1: [seq[9]], 2: [seq[9]]})
+    assert rel(alone[0][0].float(), batch[1][0].float()) <= 1e-3        # equal to the bit in practice
