@@ -19,7 +19,7 @@ from typing import Any
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 # The bundled demo model is served with everything on: tool calls (auto) and MTP speculative decoding. It
 # computes in its checkpoint's dtype, bfloat16, on a CPU too: with MTP, bfloat16 decodes faster than float32
-# (a 4-token verification costs 1.27 plain forwards in bfloat16, 1.85 in float32); without MTP float32 is
+# (a 4-token verification costs 1.3-1.4 plain forwards in bfloat16, 1.85 in float32); without MTP float32 is
 # about as fast or a little faster (README, "The demo model").
 DEMO_SPECULATIVE_CONFIG = {"method": "mtp", "num_speculative_tokens": 3}
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"

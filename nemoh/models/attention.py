@@ -173,7 +173,7 @@ class Attention(nn.Module):
                               kv_len: int) -> torch.Tensor:
         """One sequence's one query in bfloat16 / float16 on a CPU: q (1, H, D), keys / values (>= kv_len,
         KVH, D) -> (1, H, D). CPU SDPA in these dtypes is 2-3x slower for one query row than for two (1200
-        keys: 340-426 against 101-164 us over two runs of `python benchmarks/decode_attention.py`), so the
+        keys: 303-426 against 97-164 us over three runs of `python benchmarks/decode_attention.py`), so the
         row is attended twice and one copy kept; the result is the same bit for bit. The keys are cut to
         kv_len, so no mask is needed."""
         two = q[:, :, None].expand(1, self.num_heads, 2, self.head_dim).contiguous()
