@@ -85,6 +85,7 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         k_scale, v_scale = ctx.kv_scales.get(self.layer_idx, (1.0, 1.0))
         quantized = k_cache.dtype in FP8_DTYPES
+        scales = (k_scale, v_scale) if quantized else None
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         if quantized:
@@ -97,18 +98,14 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         batched = ctx.single_token_seqs
         if batched:
-            self._attend_decode_batch(q, ctx, k_cache, v_cache, (k_scale, v_scale) if quantized else None, out)
+            self._attend_decode_batch(q, ctx, k_cache, v_cache, scales, out)
         done = set()
         for group in ctx.prefill_groups:
             # fresh prompts of one length see only their own new keys: one causal SDPA for the group, on
             # the keys as they were written (rounded through the cache dtype, as a cache read returns them)
             rows, _ = ctx.group_index(group)
             b, t = len(group), ctx.query_lens[group[0]]
-            keys, values = flat_k[ctx.slot_mapping[rows]], flat_v[ctx.slot_mapping[rows]]
-            if quantized:
-                keys, values = keys.to(q.dtype) * k_scale, values.to(q.dtype) * v_scale
-            else:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            keys, values = _read(flat_k[ctx.slot_mapping[rows]], flat_v[ctx.slot_mapping[rows]], scales, q.dtype)
             out[rows] = self._sdpa(q[rows].view(b, t, *q.shape[1:]), keys.view(b, t, *keys.shape[1:]),
                                    values.view(b, t, *values.shape[1:]), 0).reshape(b * t, *q.shape[1:])
             done.update(group)
@@ -119,13 +116,8 @@ class Attention(nn.Module):
             kv_len = context_len + (e - s)
             blocks = ctx.block_tables[i][: (kv_len + bs - 1) // bs]
             idx = consecutive_span(blocks) or torch.tensor(blocks, dtype=torch.long, device=q.device)
-            keys = k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
-            values = v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
-            if quantized:
-                keys = keys.to(q.dtype) * k_scale
-                values = values.to(q.dtype) * v_scale
-            else:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            keys, values = _read(k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
+                                 v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, q.dtype)
             out[s:e] = self._sdpa(q[None, s:e], keys[None], values[None], context_len)[0]
         return out
 
@@ -137,12 +129,8 @@ class Attention(nn.Module):
         rows, tables, mask = ctx.decode_attention_index
         b = rows.shape[0]
         blocks = ctx.decode_block_span or tables          # a view of the cache where the blocks allow it
-        keys = k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim)
-        if scales is not None:
-            keys, values = keys.to(q.dtype) * scales[0], values.to(q.dtype) * scales[1]
-        else:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        keys, values = _read(k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim),
+                             v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim), scales, q.dtype)
         if b > 1 and q.dtype != torch.float32:
             out[rows] = self._one_query_attention(q[rows], keys, values, mask)
             return
@@ -160,12 +148,8 @@ class Attention(nn.Module):
         blocks = ctx.decode_block_span or torch.tensor(
             ctx.block_tables[i][: (kv_len + ctx.block_size - 1) // ctx.block_size], dtype=torch.long,
             device=q.device)
-        keys = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
-        values = v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len]
-        if scales is not None:
-            keys, values = keys.to(q.dtype) * scales[0], values.to(q.dtype) * scales[1]
-        else:
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        keys, values = _read(k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
+                             v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, q.dtype)
         row = ctx.query_start_loc[i]
         out[row:row + 1] = self._lone_query_attention(q[row:row + 1], keys, values, kv_len)
 
@@ -197,3 +181,10 @@ class Attention(nn.Module):
         scores.masked_fill_(~mask.view(b, 1, 1, kv_len), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values.transpose(1, 2)).view(b, self.num_heads, self.head_dim)
+
+
+def _read(keys: torch.Tensor, values: torch.Tensor, scales: tuple[float, float] | None, dtype: torch.dtype):
+    """Keys and values read from the cache, in the compute dtype; an fp8 cache's scaled back by its scales."""
+    if scales is not None:
+        return keys.to(dtype) * scales[0], values.to(dtype) * scales[1]
+    return keys.to(dtype), values.to(dtype)
