@@ -94,7 +94,6 @@ class Attention(nn.Module):
         else:
             flat_k[ctx.slot_mapping] = k.to(k_cache.dtype)
             flat_v[ctx.slot_mapping] = v.to(v_cache.dtype)
-        bs = ctx.block_size
         out = torch.empty_like(q)
         batched = ctx.single_token_seqs
         if batched:
@@ -113,11 +112,7 @@ class Attention(nn.Module):
             if e - s == 1 or i in done:
                 continue
             context_len = ctx.context_lens[i]
-            kv_len = context_len + (e - s)
-            blocks = ctx.block_tables[i][: (kv_len + bs - 1) // bs]
-            idx = consecutive_span(blocks) or torch.tensor(blocks, dtype=torch.long, device=q.device)
-            keys, values = _read(k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
-                                 v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, q.dtype)
+            keys, values = self._sequence_kv(ctx, i, context_len + (e - s), k_cache, v_cache, scales, q.dtype)
             out[s:e] = self._sdpa(q[None, s:e], keys[None], values[None], context_len)[0]
         return out
 
@@ -145,13 +140,17 @@ class Attention(nn.Module):
         mask (the demo's bfloat16 decode 4-6% faster without them, in runs alternating with the padded way)."""
         i = ctx.single_token_seqs[0]
         kv_len = ctx.context_lens[i] + 1
-        blocks = ctx.decode_block_span or torch.tensor(
-            ctx.block_tables[i][: (kv_len + ctx.block_size - 1) // ctx.block_size], dtype=torch.long,
-            device=q.device)
-        keys, values = _read(k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
-                             v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, q.dtype)
+        keys, values = self._sequence_kv(ctx, i, kv_len, k_cache, v_cache, scales, q.dtype)
         row = ctx.query_start_loc[i]
         out[row:row + 1] = self._lone_query_attention(q[row:row + 1], keys, values, kv_len)
+
+    def _sequence_kv(self, ctx: ForwardContext, i: int, kv_len: int, k_cache, v_cache, scales, dtype):
+        """Sequence i's first kv_len keys and values, (kv_len, KVH, D) each: one view of the cache where its
+        blocks are consecutive (a gather where not), then `_read`."""
+        blocks = ctx.block_tables[i][: (kv_len + ctx.block_size - 1) // ctx.block_size]
+        idx = consecutive_span(blocks) or torch.tensor(blocks, dtype=torch.long, device=k_cache.device)
+        return _read(k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
+                     v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, dtype)
 
     def _lone_query_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                               kv_len: int) -> torch.Tensor:
