@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nemoh
+import nemoh.models.linear as linear_module
 from nemoh.models.forward_context import ForwardContext
 
 BLOCK = 4
@@ -303,3 +304,22 @@ def test_lone_query_attention_matches_sdpa_and_is_taken_for_one_bfloat16_sequenc
     assert calls
     batch, _ = fp8.run(model, {1: [seq[9]], 2: [seq[9]]})
     assert rel(alone[0][0].float(), batch[1][0].float()) <= 1e-3        # equal to the bit in practice
+
+
+def test_float32_weights_under_bfloat16_autocast_run_every_cached_path(model, monkeypatch):
+    """The trainer evaluates its fp32 master weights under bfloat16 autocast through these cached entry points
+    (`nemoh train --eval`): a prefill group, a prompt of its own length, a mixed step and a batched decode must
+    all run there, with the packed products on as for the demo's weights (they once ignored autocast, gave
+    attention float32 queries next to bfloat16 SDPA results, and the batched decode failed), and stay close
+    to the float32 logits."""
+    monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)
+    prompts = {0: tokens(6, 30), 1: tokens(6, 31), 2: tokens(9, 32)}
+    steps = [{0: [7], 1: [8], 2: [9]}, {0: [10, 11], 1: [12], 2: [13]}]
+    plain, mixed = Caches(model, 3, 64), Caches(model, 3, 64)
+    for tokens_per_seq in [prompts] + steps:
+        want, _ = plain.run(model, tokens_per_seq)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = mixed.run(model, tokens_per_seq)
+        for s in tokens_per_seq:
+            assert got[s].dtype == torch.float32 or got[s].dtype == torch.bfloat16
+            assert rel(got[s].float(), want[s]) <= 0.1, f"sequence {s}"

@@ -89,3 +89,14 @@ def test_only_weights_of_pack_min_elements_and_more_are_packed():
         torch.testing.assert_close(small(x), F.linear(x, small.weight, small.bias))
         torch.testing.assert_close(large(x), F.linear(x, large.weight, large.bias))
     assert small.packed_weight.packed is None and large.packed_weight.packed is not None
+
+
+@needs_packing
+def test_autocast_is_honoured(pack_small):
+    """Under autocast the product is autocast's (bfloat16 from float32 weights), not the packed float32 one."""
+    layer = Linear(96, 200)
+    x = torch.randn(4, 96)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), F.linear(x, layer.weight, layer.bias), atol=5e-2, rtol=5e-2)
