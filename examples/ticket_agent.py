@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +22,30 @@ from typing import Any, Callable
 
 from openai import OpenAI
 
-# Each scripted ticket with the tools that resolving it takes (the summary checks they were called).
+
+@dataclass(frozen=True)
+class Ticket:
+    """A scripted ticket and what resolving it means: the tools called (and accepted by the backends), the
+    change the backends must record, and what the final answer must tell the user."""
+
+    text: str
+    tools: frozenset[str]
+    action: str | None = None              # a regular expression one of this ticket's backend actions matches
+    answer_says: tuple[str, ...] = ()      # the answer contains one of these (any case)
+
+
 TICKETS = [
-    ("Hi, this is ana.lopez@example.com. I forgot my password and can't sign in to anything.",
-     {"lookup_user", "reset_password"}),
-    ("My account got locked after too many attempts this morning. Email: raj.patel@example.com",
-     {"lookup_user", "unlock_account"}),
-    ("The Wi-Fi on the 4th floor keeps dropping every few minutes. Can someone look at it? It's urgent.",
-     {"create_ticket"}),
-    ("What's the status of INC-4821? I opened it last week about my docking station.", {"get_ticket_status"}),
-    ("INC-4822 has been open for days and Outlook still won't sync. Please escalate it to messaging.",
-     {"escalate_ticket"}),
-    ("How do I set up the VPN on a new laptop?", {"search_kb"}),
+    Ticket("Hi, this is ana.lopez@example.com. I forgot my password and can't sign in to anything.",
+           frozenset({"lookup_user", "reset_password"}), action=r"password reset for U10001"),
+    Ticket("My account got locked after too many attempts this morning. Email: raj.patel@example.com",
+           frozenset({"lookup_user", "unlock_account"}), action=r"unlocked U10002"),
+    Ticket("The Wi-Fi on the 4th floor keeps dropping every few minutes. Can someone look at it? It's urgent.",
+           frozenset({"create_ticket"}), action=r"created INC-\d+ \(network, P[12]\)"),
+    Ticket("What's the status of INC-4821? I opened it last week about my docking station.",
+           frozenset({"get_ticket_status"}), answer_says=("in progress",)),
+    Ticket("INC-4822 has been open for days and Outlook still won't sync. Please escalate it to messaging.",
+           frozenset({"escalate_ticket"}), action=r"escalated INC-4822 to messaging"),
+    Ticket("How do I set up the VPN on a new laptop?", frozenset({"search_kb"}), answer_says=("KB-101", "GlobalConnect")),
 ]
 
 # The bundled demo model was trained with short system prompts of this shape; a real Nemotron 3 model takes
@@ -141,31 +154,48 @@ class Backends:
 
 @dataclass
 class TicketResult:
-    ticket: str
-    expected_tools: set[str] = field(default_factory=set)
+    ticket: Ticket
     turns: int = 0
     tool_calls: list[str] = field(default_factory=list)
     succeeded: list[str] = field(default_factory=list)     # calls the backends accepted (no error, found)
+    actions: list[str] = field(default_factory=list)       # what the backends changed for this ticket
     answer: str | None = None
     error: str | None = None
 
     @property
+    def problems(self) -> list[str]:
+        """Why the ticket is not resolved; empty when it is."""
+        t = self.ticket
+        if self.answer is None:
+            return [self.error or "no answer"]
+        found = [f"{name} not done" for name in sorted(t.tools - set(self.succeeded))]
+        if t.action and not any(re.fullmatch(t.action, a) for a in self.actions):
+            found.append(f"no backend action like {t.action!r}")
+        if t.answer_says and not any(s.lower() in self.answer.lower() for s in t.answer_says):
+            found.append(f"answer does not say {' or '.join(map(repr, t.answer_says))}")
+        for created in re.findall(r"created (INC-\d+)", " ".join(self.actions)):
+            if created not in self.answer:
+                found.append(f"answer does not give the new ticket {created}")
+        return found
+
+    @property
     def resolved(self) -> bool:
-        return self.answer is not None and self.expected_tools <= set(self.succeeded)
+        return not self.problems
 
 
 def _short(text: str | None, width: int = 100) -> str:
     return textwrap.shorten(" ".join((text or "").split()), width=width, placeholder=" ...")
 
 
-def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backends, ticket: str,
-                  expected_tools: set[str] | None = None, max_turns: int = 6, temperature: float = 0.0, max_tokens: int = 512,
-                  thinking: bool = True, log: Callable[[str], None] = print) -> TicketResult:
-    result = TicketResult(ticket, set(expected_tools or ()))
+def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backends, ticket: Ticket,
+                  max_turns: int = 6, temperature: float = 0.0, max_tokens: int = 512, thinking: bool = True,
+                  log: Callable[[str], None] = print) -> TicketResult:
+    result = TicketResult(ticket)
+    actions_before = len(backends.actions)
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT},
-                                      {"role": "user", "content": ticket}]
-    log(f"\n=== ticket: {ticket}")
-    for _ in range(max_turns):
+                                      {"role": "user", "content": ticket.text}]
+    log(f"\n=== ticket: {ticket.text}")
+    while result.answer is None and result.turns < max_turns:
         result.turns += 1
         response = client.chat.completions.create(
             model=model, messages=messages, tools=tools, tool_choice="auto", temperature=temperature,
@@ -182,9 +212,8 @@ def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backe
             **({"tool_calls": [c.model_dump() for c in calls]} if calls else {}),
         })
         if not calls:
-            result.answer = message.content
+            result.answer = message.content or ""
             log(f"  [answer] {_short(message.content, 300)} (finish_reason={response.choices[0].finish_reason})")
-            return result
         for call in calls:
             output = backends.call(call.function.name, call.function.arguments)
             result.tool_calls.append(call.function.name)
@@ -192,24 +221,25 @@ def handle_ticket(client: OpenAI, model: str, tools: list[dict], backends: Backe
                 result.succeeded.append(call.function.name)
             log(f"  [tool] {call.function.name}({call.function.arguments}) -> {json.dumps(output)}")
             messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(output)})
-    result.error = f"no final answer after {max_turns} turns"
-    log(f"  [gave up] {result.error}")
+    if result.answer is None:
+        result.error = f"no final answer after {max_turns} turns"
+        log(f"  [gave up] {result.error}")
+    result.actions = backends.actions[actions_before:]
     return result
 
 
-def print_summary(results: list[TicketResult], backends: Backends) -> None:
+def print_summary(results: list[TicketResult]) -> None:
     print("\n=== summary")
-    print(f"{'#':>2}  {'turns':>5}  {'tool calls':<45}  {'answered':<9} resolved")
-    for i, r in enumerate(results, 1):
+    print(f"{'#':>2}  {'turns':>5}  {'tool calls':<40}  {'resolved':<8}  backend actions / problems")
+    for r in results:
+        i = TICKETS.index(r.ticket) + 1 if r.ticket in TICKETS else "-"
         calls = ", ".join(r.tool_calls) or "-"
-        answered = "yes" if r.answer else "no"
-        print(f"{i:>2}  {r.turns:>5}  {_short(calls, 45):<45}  {answered:<9} {'yes' if r.resolved else 'no'}")
-    answered = sum(r.answer is not None for r in results)
+        detail = ("; ".join(r.actions) or "-") if r.resolved else "; ".join(r.problems)
+        print(f"{i:>2}  {r.turns:>5}  {_short(calls, 40):<40}  {'yes' if r.resolved else 'no':<8}  {detail}")
     resolved = sum(r.resolved for r in results)
-    print(f"\n{resolved}/{len(results)} tickets resolved (the expected tools called with arguments the backends accepted, "
-          f"and a final answer), "
-          f"{answered} answered, {sum(len(r.tool_calls) for r in results)} tool calls")
-    print("backend actions: " + ("; ".join(backends.actions) or "none"))
+    print(f"\n{resolved}/{len(results)} tickets resolved (the tools each takes accepted by the backends, the backend "
+          f"change it asks for, and a final answer that gives the outcome), "
+          f"{sum(len(r.tool_calls) for r in results)} tool calls")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,18 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-thinking", action="store_true")
     p.add_argument("--tickets", type=int, default=len(TICKETS), help="how many of the scripted tickets to run")
+    p.add_argument("--ticket", type=int, action="append", default=None, choices=range(1, len(TICKETS) + 1),
+                   help=f"run only this scripted ticket, 1-{len(TICKETS)} (repeatable)")
     args = p.parse_args(argv)
+    chosen = [TICKETS[i - 1] for i in args.ticket] if args.ticket else TICKETS[: args.tickets]
 
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = args.model or client.models.list().data[0].id
     tools = json.loads(Path(args.tools).read_text())
     backends = Backends()
-    results = [
-        handle_ticket(client, model, tools, backends, ticket, expected, args.max_turns, args.temperature,
-                      args.max_tokens, not args.no_thinking)
-        for ticket, expected in TICKETS[: args.tickets]
-    ]
-    print_summary(results, backends)
+    results = [handle_ticket(client, model, tools, backends, ticket, args.max_turns, args.temperature,
+                             args.max_tokens, not args.no_thinking) for ticket in chosen]
+    print_summary(results)
     return 0 if all(r.resolved for r in results) else 1
 
 
