@@ -45,7 +45,8 @@ TICKETS = [
            frozenset({"get_ticket_status"}), answer_says=("in progress",)),
     Ticket("INC-4822 has been open for days and Outlook still won't sync. Please escalate it to messaging.",
            frozenset({"escalate_ticket"}), action=r"escalated INC-4822 to messaging"),
-    Ticket("How do I set up the VPN on a new laptop?", frozenset({"search_kb"}), answer_says=("KB-101", "GlobalConnect")),
+    Ticket("How do I set up the VPN on a new laptop?", frozenset({"search_kb"}),
+           answer_says=("KB-101", "GlobalConnect")),
 ]
 
 # The bundled demo model was trained with short system prompts of this shape; a real Nemotron 3 model takes
