@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # (content, special) in id order: the position in this list is the token id.
 SPECIAL_TOKENS: list[tuple[str, bool]] = [
@@ -43,12 +43,27 @@ MODEL_DIR = Path(__file__).parent / "model"
 TEMPLATE_SOURCE = Path(__file__).parent.parent / "chat" / "templates" / "nemotron3.jinja"
 
 
+# An e-mail address one character a token (the local part found by a look-ahead to the "@", the domain by
+# continuing with \G from the previous piece): the address is then the same ids in the user's sentence and in
+# the call, where merged pieces ("ana.l" + "opez") differ with what surrounds them and a tiny model cannot
+# copy names it has never seen merged that way.
+EMAIL_CHARS = r"[\w.\-+](?=[\w.\-+]*@)|@|\G(?<=[\w.\-+@])[\w.\-+]"
+# A run of the chat format's markup tags with the newlines between them ("</name>\n<description>",
+# "<function=lookup_user>\n<parameter=email>\n") is one pre-token, so that BPE can merge the tool schemas that
+# every prompt repeats: a training example is then about 40% fewer tokens (871 -> 527 on average), and the
+# trainer sees that many more conversations a minute. Everything else is split as GPT-2 splits words.
+MARKUP_RUN = r"(?:\n?</?[A-Za-z_]+(?:=[A-Za-z_]+)?>)+\n?"
+WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # Digits one by one: ids such as U12345 / INC-4821 are copied from the user message, and a tiny model
     # copies a fixed digit alphabet far more reliably than arbitrary multi-digit merges.
     return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(EMAIL_CHARS), behavior="isolated"),
+        pre_tokenizers.Split(Regex(f"{MARKUP_RUN}|{WORDS}"), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
 

@@ -259,10 +259,15 @@ TRAIN_ONLY_PHRASES = {
                  "please pass {ticket_id} to the {team} team as {reason}",
                  "could you escalate {ticket_id} to {team}? {reason}",
                  "{ticket_id} needs escalation to {team}, {reason}",
-                 "send {ticket_id} to the {team} team please, {reason}"],
+                 "send {ticket_id} to the {team} team please, {reason}",
+                 # the ticket named first and then called "it"
+                 "{ticket_id}: {reason}. please escalate it to {team}",
+                 "about {ticket_id}, {reason}. can you escalate it to the {team} team?",
+                 "{ticket_id} again, {reason}. escalate it to {team} please"],
     "create": ["ticket please: {title}. {urgency}", "{title}, {urgency}", "reporting a problem: {title}. {urgency}",
                "could you open a ticket? {title}, {urgency}", "{title} ({urgency})",
-               "issue to report: {title}; {urgency}", "{urgency}. {title}", "my problem: {title}. {urgency}"],
+               "issue to report: {title}; {urgency}", "{urgency}. {title}", "my problem: {title}. {urgency}",
+               "{title}. can someone look at it? {urgency}", "hi, {title}. could somebody check it? {urgency}"],
     "kb": ["how to {topic}?", "what are the steps to {topic}?", "do you have a how-to to {topic}?",
            "explain how to {topic}", "look in the knowledge base: how to {topic}", "I want to {topic}, how?",
            "is there an article on how to {topic}?", "instructions to {topic} please"],
@@ -335,8 +340,11 @@ SYSTEM_PROMPTS = ["You are the IT helpdesk assistant at {company}. Use the tools
 class _Gen:
     """Draws one example from a split's pools with its own random stream."""
 
-    def __init__(self, split: str, rng: random.Random, tools: list[dict]):
+    def __init__(self, split: str, rng: random.Random, tools: list[dict], shapes: random.Random | None = None):
         self.split, self.rng, self.all_tools = split, rng, tools
+        # Tool-result shapes are drawn from their own stream, so that adding them left every example's
+        # entities and wording (and so the held-out prompts) as they were.
+        self.shapes = shapes if shapes is not None else random.Random(0)
         self.first, self.last = pool(FIRST_NAMES, split), pool(LAST_NAMES, split)
         self.domains, self.products = pool(DOMAINS, split), pool(PRODUCTS, split)
         self.errors, self.topics, self.reasons = pool(ERRORS, split), pool(KB_TOPICS, split), pool(REASONS, split)
@@ -427,6 +435,12 @@ def _typo(text: str, r: random.Random) -> str:
 THINK = {
     "lookup_user": ("The user gave the email {email} but no user id. I'll call lookup_user to find the account first.",
                     "Look up {email}."),
+    # The first step of a chain names the second: the next turn still sees this thought (the template keeps the
+    # reasoning of the turns after the last user message), so the call after the lookup has its plan in view.
+    "lookup_then_reset": ("The user gave the email {email} but no user id. I'll call lookup_user first, then "
+                          "reset_password with the user id it returns.", "Look up {email}, then reset."),
+    "lookup_then_unlock": ("The user gave the email {email} but no user id. I'll call lookup_user first, then "
+                           "unlock_account with the user id it returns.", "Look up {email}, then unlock."),
     "reset_password": ("The account id is {user_id}. I'll call reset_password to send a reset link.",
                        "Reset {user_id}."),
     "unlock_account": ("The account {user_id} is locked. I'll call unlock_account.", "Unlock {user_id}."),
@@ -481,8 +495,8 @@ class _Conversation:
         self.messages.append(msg)
         return msg
 
-    def call(self, name: str, arguments: dict, **extra) -> dict:
-        return self.assistant(name, call=(name, arguments), **{**arguments, **extra})
+    def call(self, name: str, arguments: dict, think_key: str | None = None, **extra) -> dict:
+        return self.assistant(think_key or name, call=(name, arguments), **{**arguments, **extra})
 
     def tool_result(self, result: dict) -> None:
         last_call = self.messages[-1]["tool_calls"][-1]
@@ -495,16 +509,23 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
     r = g.rng
     p = g.person()
     kind = r.choice(kinds)
-    lookup_result = {"user_id": p["user_id"], "name": p["name"], "status": "locked" if kind == "unlock_email" else "active"}
-    reset = lambda a: ({"status": "ok", "link_sent_to": p["email"] if "email" in kind else "registered email"},
+    # Tool results come in two shapes each (a backend's own fields, or an ok / found flag with fewer fields), so
+    # that the model reads the values it needs rather than one fixed layout.
+    plain = g.shapes.random() < 0.5
+    locked = kind == "unlock_email"
+    lookup_result = ({"user_id": p["user_id"], "name": p["name"], "status": "locked" if locked else "active"} if plain
+                     else {"found": True, "user_id": p["user_id"], "name": p["name"], "locked": locked})
+    reset = lambda a: ({"status": "ok", "link_sent_to": p["email"] if "email" in kind else "registered email"}
+                       if plain else {"ok": True, "message": "one-time link emailed"},
                        f"Done. A one-time password reset link was sent for {a['user_id']}.")
-    unlock = lambda a: ({"user_id": a["user_id"], "status": "unlocked"},
+    unlock = lambda a: ({"user_id": a["user_id"], "status": "unlocked"} if plain else {"ok": True},
                         f"Account {a['user_id']} is unlocked. You can sign in again.")
     if kind in ("reset_email", "unlock_email", "lookup"):
         c.user(g.user_text(kind, email=p["email"]))
+        status = "locked" if locked else "active"
         steps = [("lookup_user", {"email": p["email"]},
                   lambda a: (lookup_result, f"The account for {p['email']} is {p['user_id']} ({p['name']}), "
-                                            f"status {lookup_result['status']}."))]
+                                            f"status {status}."))]
         if kind != "lookup":
             second = "reset_password" if kind == "reset_email" else "unlock_account"
             steps.append((second, {"user_id": p["user_id"]}, reset if second == "reset_password" else unlock))
@@ -517,14 +538,17 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         tid = g.ticket_id()
         c.user(g.user_text(kind, ticket_id=tid))
         status, team = r.choice(["open", "in progress", "waiting for user", "resolved"]), r.choice(TEAMS)
+        category = g.shapes.choice(CATEGORIES)
+        found = {"found": True, "ticket_id": tid, "title": g.shapes.choice(g.issues[category]).format(
+            product=g.shapes.choice(g.products)), "status": status, "team": team}
         return kind, [("get_ticket_status", {"ticket_id": tid},
-                       lambda a: ({"ticket_id": tid, "status": status, "assigned_team": team},
+                       lambda a: ({"ticket_id": tid, "status": status, "assigned_team": team} if plain else found,
                                   f"Ticket {tid} is {status}, assigned to the {team} team."))]
     if kind == "escalate":
         tid, team, reason = g.ticket_id(), r.choice(TEAMS), r.choice(g.reasons)
         c.user(g.user_text(kind, ticket_id=tid, team=team, reason=reason))
         return kind, [("escalate_ticket", {"ticket_id": tid, "team": team, "reason": reason},
-                       lambda a: ({"ticket_id": tid, "team": team, "status": "escalated"},
+                       lambda a: ({"ticket_id": tid, "team": team, "status": "escalated"} if plain else {"ok": True},
                                   f"Ticket {tid} is escalated to the {team} team."))]
     if kind == "create":
         category = r.choice(CATEGORIES)
@@ -536,7 +560,8 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         c.user(text)
         new_id = g.ticket_id()
         return kind, [("create_ticket", {"title": title, "category": category, "priority": priority},
-                       lambda a: ({"ticket_id": new_id, "status": "open"},
+                       lambda a: ({"ticket_id": new_id, "status": "open"} if plain
+                                  else {"ok": True, "ticket_id": new_id},
                                   f"I opened ticket {new_id} ({a['category']}, priority {a['priority']}). "
                                   f"The team will contact you."))]
     topic = g.topic()
@@ -547,8 +572,12 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
     else:
         c.user(g.user_text(kind, topic=topic))
     kb_id = f"KB-{r.randint(100, 999)}"
+    found_articles = [{"id": kb_id, "title": f"How to {topic}"}]
+    for _ in range(0 if plain else g.shapes.randint(0, 2)):  # the best match first, then weaker ones
+        found_articles.append({"id": f"KB-{g.shapes.randint(100, 999)}",
+                               "title": f"How to {g.shapes.choice(g.topics)}"})
     return kind, [("search_kb", args,
-                   lambda a: ({"results": [{"id": kb_id, "title": f"How to {topic}"}]},
+                   lambda a: ({"results": found_articles},
                               f"See {kb_id}: \"How to {topic}\" in the knowledge base."))]
 
 
@@ -584,7 +613,10 @@ def _example(g: _Gen, turn_type: str) -> Example:
         n_calls = 1 if turn_type in ("single_tool", "tool_answer") else 2
         final = ""
         for name, arguments, make_result in steps[:n_calls]:
-            c.call(name, arguments)
+            plan = None
+            if name == "lookup_user" and len(steps) == 2:
+                plan = "lookup_then_reset" if steps[1][0] == "reset_password" else "lookup_then_unlock"
+            c.call(name, arguments, think_key=plan)
             expected = {"type": "tool_call", "name": name, "arguments": arguments}
             result, final = make_result(arguments)
             if turn_type.endswith("answer") or (turn_type == "two_tool" and name == "lookup_user"):
@@ -624,7 +656,7 @@ def generate(split: str, n: int, seed: int) -> list[Example]:
     out = []
     for i in range(n):
         rng = random.Random(f"{split}:{seed}:{i}")
-        g = _Gen(split, rng, tools)
+        g = _Gen(split, rng, tools, shapes=random.Random(f"{split}:{seed}:{i}:shapes"))
         out.append(_example(g, rng.choices(names, weights)[0]))
     return out
 

@@ -183,7 +183,9 @@ class CopyBatches:
     the request or a tool result into a call), and the ticket corpus alone does not teach it within the
     budget: on its own the task is learned in a few hundred cheap steps (`benchmarks/copy_probe.py`)."""
 
-    MIX = {"user_id": 0.4, "ticket_id": 0.3, "tokens": 0.3}
+    # E-mail rows are single characters, as the tokenizer writes an address (`build_tokenizer.EMAIL_CHARS`):
+    # local part, optionally a separator and more, "@", a domain, "." and a top-level domain.
+    MIX = {"user_id": 0.3, "ticket_id": 0.2, "email": 0.25, "tokens": 0.25}
 
     def __init__(self, seed: int, rows: int = 64, length: int = 64, mix: dict[str, float] | None = None):
         from tokenizers import Tokenizer
@@ -192,6 +194,9 @@ class CopyBatches:
         tid = tokenizer.token_to_id
         self.digits = [tid(str(d)) for d in range(10)]
         self.u, self.inc, self.dash, self.eq = tid("U"), tid("INC"), tid("-"), tid("=")
+        self.letters = [tid(c) for c in "abcdefghijklmnopqrstuvwxyz"]
+        self.at, self.dot, self.separators = tid("@"), tid("."), [tid("."), tid("_"), tid("-")]
+        self.vocab = tokenizer.get_vocab_size()
         self.rng = random.Random(f"copy:{seed}")
         self.rows, self.length = rows, length
         mix = mix or self.MIX
@@ -204,11 +209,18 @@ class CopyBatches:
             return [self.u], [self.rng.choice(self.digits) for _ in range(5)]
         if kind == "ticket_id":
             return [self.inc, self.dash], [self.rng.choice(self.digits) for _ in range(4)]
-        return [self.rng.randrange(100, 4000)], [self.rng.randrange(100, 4000) for _ in range(self.rng.randint(3, 6))]
+        if kind == "email":
+            letters = lambda lo, hi: [self.rng.choice(self.letters) for _ in range(self.rng.randint(lo, hi))]
+            local = letters(1, 7) + ([self.rng.choice(self.separators)] + letters(1, 7) if self.rng.random() < 0.5
+                                     else [])
+            return [self.rng.randrange(100, self.vocab)], local + [self.at] + letters(1, 7) + [self.dot] + letters(2, 4)
+        return ([self.rng.randrange(100, self.vocab)],
+                [self.rng.randrange(100, self.vocab) for _ in range(self.rng.randint(3, 6))])
 
     def __iter__(self):
         while True:
-            ids = torch.tensor([[self.rng.randrange(100, 4000) for _ in range(self.length)] for _ in range(self.rows)])
+            ids = torch.tensor([[self.rng.randrange(100, self.vocab) for _ in range(self.length)]
+                                for _ in range(self.rows)])
             mask = torch.zeros(self.rows, self.length, dtype=torch.bool)
             ids[:, 0] = 1
             for row in range(self.rows):

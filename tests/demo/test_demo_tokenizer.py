@@ -24,7 +24,7 @@ def test_special_token_ids(tok):
         assert tok.token_to_id(content) == i
     assert bt.SPECIAL_TOKEN_IDS == EXPECTED_IDS
     assert bt.EOS_TOKEN_IDS == [2, 11]
-    assert tok.get_vocab_size() == bt.DEFAULT_VOCAB_SIZE
+    assert tok.get_vocab_size() <= bt.DEFAULT_VOCAB_SIZE  # BPE stops early when no pair repeats
 
 
 def test_special_tokens_are_single_ids(tok):
@@ -102,3 +102,23 @@ def test_transformers_loads_offline(monkeypatch):
     messages = [{"role": "user", "content": "hi"}]
     assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         corpus.render_messages(messages, None, {}, add_generation_prompt=True)
+
+
+def test_email_is_one_token_a_character_in_sentence_and_call(tok):
+    """An address is the same ids wherever it stands, so the model can copy it id by id."""
+    address = "ana.lopez@example.com"
+    in_sentence = tok.encode(f"Hi, this is {address}. I forgot my password", add_special_tokens=False).ids
+    in_call = tok.encode(f"<parameter=email>\n{address}\n</parameter>", add_special_tokens=False).ids
+    alone = tok.encode(address, add_special_tokens=False).ids
+    assert len(alone) == len(address)
+    assert any(in_sentence[i:i + len(alone)] == alone for i in range(len(in_sentence)))
+    assert any(in_call[i:i + len(alone)] == alone for i in range(len(in_call)))
+
+
+def test_markup_runs_merge_but_words_do_not(tok):
+    """The chat format's tag runs may merge into few tokens; words are never merged across a space."""
+    tags = "</name>\n<description>"
+    assert len(tok.encode(tags, add_special_tokens=False).ids) < len(tags) // 4
+    for piece in (tok.id_to_token(i) for i in tok.encode("the Wi-Fi on the 4th floor keeps dropping",
+                                                           add_special_tokens=False).ids):
+        assert "Ġ" not in piece[1:], piece
