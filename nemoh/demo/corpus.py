@@ -135,6 +135,59 @@ KB_OBJECTS = ["the shared printer", "my VPN profile", "a distribution list", "my
               "a second screen", "the guest network", "my voicemail"]
 
 
+# Train-only invented problems and escalation reasons. With a few titles per category the model learned the
+# titles themselves and wrote one it knew ("need a loaner laptop for travel") for whatever it did not
+# recognise, instead of copying the user's words (runs/demo18); put together from parts, a title cannot be
+# recalled, only copied.
+MADE_UP_PROBLEMS = {
+    "hardware": (["my laptop screen", "the docking station in room {n}", "the printer on level {n}", "my headset",
+                  "the badge reader", "my second monitor", "the USB-C hub", "my laptop fan", "the scanner",
+                  "my desk phone", "the meeting room camera"],
+                 ["is broken", "makes a loud noise", "stopped working", "does not power on", "is cracked",
+                  "overheats", "shows no image", "beeps all the time"]),
+    "software": (["{product}", "the {product} plugin", "the {product} app on my laptop"],
+                 ["crashes when I open a file", "will not start", "hangs on the login screen",
+                  "shows an error on launch", "cannot find my files", "closes by itself", "runs out of memory"]),
+    "network": (["the VPN", "the Wi-Fi in meeting room {n}", "the wired network in building {letter}",
+                 "the internet on level {n}", "the guest network", "the remote desktop gateway",
+                 "the network in the {letter} wing", "the wireless in the canteen"],
+                ["is down", "drops all the time", "is very slow today", "will not connect",
+                 "disconnects after a minute", "times out", "is unreachable since this morning"]),
+    "access": (["I cannot open the {team_name} folder", "I need access to the {team_name} site",
+                "no permission for the {team_name} report", "I am locked out of the {team_name} portal",
+                "my badge does not open the {team_name} room"], [""]),
+    "email": (["my inbox", "the team mailbox", "my mail rules", "the shared calendar", "my email signature",
+               "mail to the {team_name} list"],
+              ["is not updating", "lost all messages", "rejects new mail", "is empty since this morning",
+               "does not sync", "sends duplicates"]),
+    "other": (["need a new chair for my desk", "need a spare charger", "need a visitor badge for tomorrow",
+               "the whiteboard in room {n} is gone", "need a phone for a new hire", "want a bigger screen"], [""]),
+}
+MADE_UP_TEAM_NAMES = ["marketing", "legal", "budget", "training", "design", "payroll", "inventory", "partner",
+                      "research", "quality"]
+MADE_UP_REASONS = (["the sales team", "our manager", "the client", "the whole office", "my colleague",
+                    "the night shift", "our director"],
+                   ["is waiting on this", "cannot work", "needs it by Friday", "has asked twice",
+                    "is blocked since Monday", "keeps calling about it", "lost a day already"])
+# More openers and closers for training; the held-out ones ("Morning, ", "Greetings, " ...) stay unseen.
+TRAIN_ONLY_OPENERS = ["Good afternoon, ", "Dear IT, ", "Hi all, ", "Sorry to bother, ", "Hello support, ",
+                      "Quick one: ", "Hey folks, ", "Evening, "]
+TRAIN_ONLY_CLOSERS = [" Thanks so much.", " Regards.", " Best.", " Thank you!", " Appreciate it.",
+                      " Kind regards.", " Thx!", " Cheers, thanks."]
+
+
+def made_up_problem(category: str, r: random.Random, products: list[str]) -> str:
+    things, symptoms = MADE_UP_PROBLEMS[category]
+    text = f"{r.choice(things)} {r.choice(symptoms)}".strip()
+    return text.format(n=r.randint(1, 12), letter=r.choice("ABCDEFGH"), product=r.choice(products),
+                       team_name=r.choice(MADE_UP_TEAM_NAMES))
+
+
+def made_up_reason(r: random.Random) -> str:
+    subjects, predicates = MADE_UP_REASONS
+    return f"{r.choice(subjects)} {r.choice(predicates)}"
+
+
 def _made_up_name(r: random.Random) -> str:
     """A capitalised 2-3 syllable word that is not one of the real names or domains of either split."""
     while True:
@@ -389,7 +442,10 @@ class _Gen:
         if r.random() < 0.1:
             text = text.lower()
         if intent not in ("give_email", "give_ticket", "greeting", "thanks"):
-            opener, closer = r.choice(pool(OPENERS, self.split)), r.choice(pool(CLOSERS, self.split))
+            openers, closers = pool(OPENERS, self.split), pool(CLOSERS, self.split)
+            if self.split == "train":
+                openers, closers = openers + TRAIN_ONLY_OPENERS, closers + TRAIN_ONLY_CLOSERS
+            opener, closer = r.choice(openers), r.choice(closers)
             if opener and not text.startswith(("{", "I ", "I'")):
                 text = text[0].lower() + text[1:]
             text = opener + text + closer
@@ -546,6 +602,8 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
                                   f"Ticket {tid} is {status}, assigned to the {team} team."))]
     if kind == "escalate":
         tid, team, reason = g.ticket_id(), r.choice(TEAMS), r.choice(g.reasons)
+        if g.split == "train" and r.random() < MADE_UP_RATE:
+            reason = made_up_reason(r)
         c.user(g.user_text(kind, ticket_id=tid, team=team, reason=reason))
         return kind, [("escalate_ticket", {"ticket_id": tid, "team": team, "reason": reason},
                        lambda a: ({"ticket_id": tid, "team": team, "status": "escalated"} if plain else {"ok": True},
@@ -553,6 +611,8 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
     if kind == "create":
         category = r.choice(CATEGORIES)
         title = r.choice(g.issues[category]).format(product=r.choice(g.products))
+        if g.split == "train" and r.random() < MADE_UP_RATE:
+            title = made_up_problem(category, r, g.products)
         priority = r.randint(1, 4)
         text = g.user_text(kind, title=title, urgency=r.choice(URGENCY[priority]))
         if category in ("software", "network", "email") and r.random() < 0.4:
