@@ -393,11 +393,11 @@ SYSTEM_PROMPTS = ["You are the IT helpdesk assistant at {company}. Use the tools
 class _Gen:
     """Draws one example from a split's pools with its own random stream."""
 
-    def __init__(self, split: str, rng: random.Random, tools: list[dict], shapes: random.Random | None = None):
+    def __init__(self, split: str, rng: random.Random, tools: list[dict], shapes: random.Random):
         self.split, self.rng, self.all_tools = split, rng, tools
         # Tool-result shapes are drawn from their own stream, so that adding them left every example's
         # entities and wording (and so the held-out prompts) as they were.
-        self.shapes = shapes if shapes is not None else random.Random(0)
+        self.shapes = shapes
         self.first, self.last = pool(FIRST_NAMES, split), pool(LAST_NAMES, split)
         self.domains, self.products = pool(DOMAINS, split), pool(PRODUCTS, split)
         self.errors, self.topics, self.reasons = pool(ERRORS, split), pool(KB_TOPICS, split), pool(REASONS, split)
