@@ -3,8 +3,9 @@
 Table 1 (as the model card's BF16 / FP8 / NVFP4 columns): on held-out examples whose next assistant turn
 is a tool call: rate of replies with a parseable tool call, rate choosing the right tool, rate with exactly
 the right arguments; on examples whose next turn needs no tool: rate of correct no-tool replies (no call,
-non-empty content). FP8 and NVFP4 copies are written with `nemoh quantize` into a temporary directory
-(FP8 calibrated on training-split text, NVFP4 weight-only).
+non-empty content). Below it, the same replies broken down: each argument's value, and answers after a tool
+result against the reference answer. FP8 and NVFP4 copies are written with `nemoh quantize` into a temporary
+directory (FP8 calibrated on training-split text, NVFP4 weight-only).
 
 Table 2, for each compute dtype (bfloat16, as served, and float32): MTP speculative decoding at k = 1, 2, 3
 against no MTP: mean acceptance rate, tokens per verify step, and single-stream decode speed (one request at
@@ -43,6 +44,8 @@ def prompts_for(examples, model_dir: Path) -> list[str]:
 def score(examples, texts: list[str]) -> dict[str, float]:
     tool_total = tool_parsed = tool_right = args_right = 0
     none_total = none_right = 0
+    fields: dict[str, list[int]] = {}       # argument -> [right, total], over calls that name the right tool
+    final_total = final_right = 0           # answers after a tool result: the reference answer, exactly
     for ex, text in zip(examples, texts):
         parser = ChatOutputParser("super_v3", "qwen3_coder", tools=ex.tools,
                                   thinking_enabled=ex.template_kwargs.get("enable_thinking", True))
@@ -54,15 +57,26 @@ def score(examples, texts: list[str]) -> dict[str, float]:
                 call = parsed.tool_calls[0]
                 if call.name == ex.expected["name"]:
                     tool_right += 1
-                    if json.loads(call.arguments) == ex.expected["arguments"]:
+                    arguments = json.loads(call.arguments)
+                    if arguments == ex.expected["arguments"]:
                         args_right += 1
+                    for name, value in ex.expected["arguments"].items():
+                        counts = fields.setdefault(name, [0, 0])
+                        counts[0] += int(arguments.get(name) == value)
+                        counts[1] += 1
         else:
             none_total += 1
-            none_right += int(not parsed.tool_calls and bool((parsed.content or "").strip()))
+            content = (parsed.content or "").replace("<|im_end|>", "").strip()
+            none_right += int(not parsed.tool_calls and bool(content))
+            if ex.messages[-2]["role"] == "tool":
+                final_total += 1
+                final_right += int(not parsed.tool_calls and content == ex.messages[-1]["content"].strip())
     pct = lambda a, b: 100.0 * a / b if b else float("nan")
     return {"parseable call": pct(tool_parsed, tool_total), "right tool": pct(tool_right, tool_total),
             "exact arguments": pct(args_right, tool_total), "correct no-tool": pct(none_right, none_total),
-            "n_tool": tool_total, "n_none": none_total}
+            "answer after a tool": pct(final_right, final_total),
+            "fields": {name: (pct(a, b), b) for name, (a, b) in sorted(fields.items())},
+            "n_tool": tool_total, "n_none": none_total, "n_final": final_total}
 
 
 def run_accuracy(model_dir: Path, prompts: list[str], max_tokens: int) -> list[str]:
@@ -164,6 +178,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'metric':18}" + "".join(f"{f.upper():>10}" for f in formats))
         for metric in ("parseable call", "right tool", "exact arguments", "correct no-tool"):
             print(f"{metric:18}" + "".join(f"{results[f][metric]:9.1f}%" for f in formats))
+        print(f"\nWhere the arguments and answers go wrong: each argument's value exactly right, over the calls that "
+              f"name the right tool (n), and the {first['n_final']} answers after a tool result equal to the "
+              f"reference answer (which restates the result)")
+        print(f"{'argument':18}{'n':>5}" + "".join(f"{f.upper():>10}" for f in formats))
+        for name, (_, n) in first["fields"].items():
+            print(f"{name:18}{n:>5}" + "".join(f"{results[f]['fields'].get(name, (float('nan'),))[0]:9.1f}%"
+                                              for f in formats))
+        print(f"{'answer after tool':18}{first['n_final']:>5}"
+              + "".join(f"{results[f]['answer after a tool']:9.1f}%" for f in formats))
 
     speed_prompts = prompts_for(generate("heldout", args.speed_n, seed=args.seed + 1), args.model)
     dtypes = [d.strip() for d in args.speed_dtypes.split(",") if d.strip()]

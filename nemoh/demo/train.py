@@ -185,6 +185,9 @@ class CopyBatches:
 
     # E-mail rows are single characters, as the tokenizer writes an address (`build_tokenizer.EMAIL_CHARS`):
     # local part, optionally a separator and more, "@", a domain, "." and a top-level domain.
+    # The "tokens" rows (a few random vocabulary tokens) stay at chance for the whole hour (8.3 nats a token on
+    # runs/demo19, and alone for 550 steps in `copy_probe.py --kind tokens`); runs/demo20 and demo21 dropped
+    # them (docs/demo_history.md, session 16), the shipped recipe still has them.
     MIX = {"user_id": 0.3, "ticket_id": 0.2, "email": 0.25, "tokens": 0.25}
 
     def __init__(self, seed: int, rows: int = 64, length: int = 64, mix: dict[str, float] | None = None):
@@ -235,13 +238,38 @@ class CopyBatches:
             yield ids, mask
 
 
-def with_copy_batches(stream, copies, every: int):
-    """(ids, mask, is_copy): the ticket batches with a copy batch as every `every`-th one (none when 0)."""
-    copies = iter(copies) if every else None
-    for n, (ids, mask) in enumerate(stream, 1):
+def with_copy_batches(stream, copies, every):
+    """(ids, mask, is_copy): the ticket batches with a copy batch as every `every`-th one (none when 0).
+    `every` may be a callable, asked before each ticket batch (see `CopySchedule`)."""
+    interval = every if callable(every) else (lambda: every)
+    copies = iter(copies) if interval() else None
+    since = 0
+    for ids, mask in stream:
         yield ids, mask, False
-        if copies is not None and n % (every - 1) == 0:
+        since += 1
+        if copies is not None and since >= interval() - 1:
+            since = 0
             yield *next(copies), True
+
+
+class CopySchedule:
+    """A copy batch every `every` steps until the copy task is learned (mean copy loss of the last `window`
+    copy batches below `threshold`), then every `learned_every` steps, which keeps it learned: on
+    runs/demo19 the copy was learned by minute 20, and a third of the remaining compute went on re-doing it."""
+
+    def __init__(self, every: int, learned_every: int, threshold: float = 0.05, window: int = 10):
+        self.every, self.learned_every, self.threshold = every, learned_every, threshold
+        self.recent: deque = deque(maxlen=window)
+        self.learned_at_step: int | None = None
+
+    def __call__(self) -> int:
+        return self.every if self.learned_at_step is None else self.learned_every
+
+    def record(self, copy_loss: float, step: int) -> None:
+        self.recent.append(copy_loss)
+        if (self.learned_at_step is None and len(self.recent) == self.recent.maxlen
+                and sum(self.recent) / len(self.recent) < self.threshold):
+            self.learned_at_step = step
 
 
 # ============================================================================================ model
@@ -563,6 +591,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mtp-steps", type=int, default=2, help="recursive MTP steps trained (drafting depth)")
     p.add_argument("--copy-every", type=int, default=0,
                    help="make every N-th step a batch of the copy task (0: none; N >= 2)")
+    p.add_argument("--copy-every-learned", type=int, default=None,
+                   help="once the copy task is learned (loss < 0.05), every N-th step only (default: --copy-every)")
     p.add_argument("--bias-rate", type=float, default=1e-3, help="router bias update per step (gamma)")
     p.add_argument("--save-minutes", type=float, default=10.0, help="checkpoint interval")
     p.add_argument("--log-every", type=int, default=10)
@@ -583,6 +613,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')}: must be >= 0, got {value}")
     if args.copy_every == 1 or args.copy_every < 0:
         p.error(f"--copy-every: must be 0 (off) or at least 2, got {args.copy_every}")
+    if args.copy_every_learned is None:
+        args.copy_every_learned = args.copy_every
+    if args.copy_every and args.copy_every_learned < 2:
+        p.error(f"--copy-every-learned: must be at least 2, got {args.copy_every_learned}")
     return args
 
 
@@ -635,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     log_mode = "a" if args.resume else "w"
     log: list[dict] = []
     bar = _progress_bar(args.steps)
+    copy_schedule = CopySchedule(args.copy_every, args.copy_every_learned)
     run_start = time.time() - state["elapsed"]  # the budget covers earlier runs too when resuming
     last_save = time.time()
     sample = None
@@ -644,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(log_path, log_mode) as log_file:
             for ids, mask, is_copy in with_copy_batches(stream, CopyBatches(args.seed) if args.copy_every else (),
-                                                        args.copy_every):
+                                                        copy_schedule if args.copy_every else 0):
                 elapsed = time.time() - run_start
                 progress = max(state["step"] / args.steps if args.steps else float(args.steps == 0),
                                elapsed / budget if budget else 0.0)
@@ -674,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
                 state["position"] = stream.position
                 if is_copy:      # logged apart: the ticket losses stay comparable with runs without it
                     window["copy"] += float(lm_loss.detach())
+                    copy_schedule.record(float(lm_loss.detach()), state["step"])
+                    if copy_schedule.learned_at_step == state["step"]:
+                        print(f"copy task learned at step {state['step']} ({elapsed / 60:.1f} min): a copy batch "
+                              f"every {copy_schedule()} steps from now", flush=True)
                     window["copies"] += 1
                 else:
                     window["loss"] += float(loss.detach())

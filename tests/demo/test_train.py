@@ -80,10 +80,10 @@ def test_batches_are_right_padded_to_a_common_length():
 
 def test_copy_batches_repeat_a_value_and_target_only_the_repeat(encoder):
     tokenizer, _ = encoder
-    batches = iter(train.CopyBatches(seed=0, rows=16, length=48))
-    for _ in range(3):
+    batches = iter(train.CopyBatches(seed=0, rows=16, length=64))   # the trainer's length: a long e-mail row
+    for _ in range(3):                                                   # (30 tokens) fits twice
         ids, mask = next(batches)
-        assert ids.shape == mask.shape == (16, 48)
+        assert ids.shape == mask.shape == (16, 64)
         for row, m in zip(ids.tolist(), mask.tolist()):
             start = m.index(True)
             value = row[start:start + sum(m)]
@@ -101,6 +101,21 @@ def test_copy_batches_come_every_nth_step():
     kinds = [is_copy for _, _, is_copy in train.with_copy_batches(stream, iter([("c", None)] * 9), 3)]
     assert kinds == [False, False, True, False, False, True, False, False, True]
     assert not any(c for _, _, c in train.with_copy_batches(iter([("t", None)] * 4), (), 0))
+
+
+def test_copy_schedule_relaxes_once_the_copy_is_learned():
+    schedule = train.CopySchedule(every=3, learned_every=6, threshold=0.05, window=2)
+    stream = iter([(f"t{i}", None) for i in range(12)])
+    kinds = []
+    for _, _, is_copy in train.with_copy_batches(stream, iter([("c", None)] * 20), schedule):
+        kinds.append(is_copy)
+        if is_copy:
+            schedule.record(1.0 if sum(kinds) == 1 else 0.01, step=len(kinds))
+    # a copy after every 2 ticket batches until the mean of the last two copy losses is below the threshold
+    # (the third copy), then after every 5
+    assert kinds == [False, False, True, False, False, True, False, False, True,
+                     False, False, False, False, False, True, False]
+    assert schedule.learned_at_step == 9
 
 
 def test_router_bias_moves_towards_balance():
