@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(log_path, log_mode) as log_file:
             for ids, mask, is_copy in with_copy_batches(stream, CopyBatches(args.seed) if args.copy_every else (),
-                                                        copy_schedule if args.copy_every else 0):
+                                                        copy_schedule):
                 elapsed = time.time() - run_start
                 progress = max(state["step"] / args.steps if args.steps else float(args.steps == 0),
                                elapsed / budget if budget else 0.0)
