@@ -45,13 +45,16 @@ class Example:
     turn_type: str
     intent: str
     split: str
+    # Earlier requests, each resolved, come before the last one (train only); their assistant turns are
+    # training targets too (see `training_segments`).
+    history: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Example":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def load_tools() -> list[dict]:
@@ -128,11 +131,13 @@ SYLLABLES = """ba be bo bri ca co da del dor el fa fen ga gil ha hol ja jo ka ke
 na nel no ol pa pel ra ren ro sa sel so ta tel to ul va vel vo wa win ya zo zel""".split()
 MADE_UP_TLDS = ["com", "net", "org", "io", "co", "biz", "info", "dev", "tech", "app", "cloud", "eu"]
 KB_VERBS = ["configure", "reset", "install", "remove", "update", "sync", "back up", "restore", "export",
-            "rename", "share", "archive", "find", "print from", "connect to", "sign out of"]
+            "rename", "share", "archive", "find", "print from", "connect to", "sign out of", "set up", "use"]
 KB_OBJECTS = ["the shared printer", "my VPN profile", "a distribution list", "my browser bookmarks",
               "the team wiki", "a desk booking", "my laptop drivers", "a mailbox rule", "my phone contacts",
               "the meeting room display", "a code signing key", "my home directory", "the expense app",
-              "a second screen", "the guest network", "my voicemail"]
+              "a second screen", "the guest network", "my voicemail", "a new laptop", "the VPN client",
+              "my new phone", "the printer driver", "a shared folder", "two-factor sign-in", "the wireless network",
+              "the remote desktop"]
 
 
 # Train-only invented problems and escalation reasons. With a few titles per category the model learned the
@@ -323,7 +328,9 @@ TRAIN_ONLY_PHRASES = {
                "{title}. can someone look at it? {urgency}", "hi, {title}. could somebody check it? {urgency}"],
     "kb": ["how to {topic}?", "what are the steps to {topic}?", "do you have a how-to to {topic}?",
            "explain how to {topic}", "look in the knowledge base: how to {topic}", "I want to {topic}, how?",
-           "is there an article on how to {topic}?", "instructions to {topic} please"],
+           "is there an article on how to {topic}?", "instructions to {topic} please",
+           "can you show me how to {topic}?", "what's the procedure to {topic}?", "walk me through how to {topic}",
+           "I'd like to {topic}. is there a guide?", "how would one {topic}?", "need a guide: {topic}"],
     "kb_n": ["{n} articles on how to {topic} please", "find me {n} how-tos to {topic}",
              "I need {n} guides on how to {topic}", "top {n} articles: how to {topic}",
              "show {n} results for how to {topic}", "give me {n} kb articles to {topic}"],
@@ -393,11 +400,14 @@ SYSTEM_PROMPTS = ["You are the IT helpdesk assistant at {company}. Use the tools
 class _Gen:
     """Draws one example from a split's pools with its own random stream."""
 
-    def __init__(self, split: str, rng: random.Random, tools: list[dict], shapes: random.Random):
+    def __init__(self, split: str, rng: random.Random, tools: list[dict], shapes: random.Random,
+                 history: random.Random | None = None):
         self.split, self.rng, self.all_tools = split, rng, tools
         # Tool-result shapes are drawn from their own stream, so that adding them left every example's
         # entities and wording (and so the held-out prompts) as they were.
         self.shapes = shapes
+        # Whether a training conversation starts with earlier requests: a stream of its own too.
+        self.history = history or random.Random(0)
         self.first, self.last = pool(FIRST_NAMES, split), pool(LAST_NAMES, split)
         self.domains, self.products = pool(DOMAINS, split), pool(PRODUCTS, split)
         self.errors, self.topics, self.reasons = pool(ERRORS, split), pool(KB_TOPICS, split), pool(REASONS, split)
@@ -525,6 +535,12 @@ TASK_KINDS = {"single_tool": _ONE_STEP + ["reset_email", "unlock_email"], "tool_
               "two_tool": ["reset_email", "unlock_email"], "two_tool_answer": ["reset_email", "unlock_email"]}
 TURN_WEIGHTS = {"single_tool": 30, "two_tool": 12, "tool_answer": 14, "two_tool_answer": 8,
                 "direct_answer": 10, "clarify": 14, "clarify_then_tool": 12}
+# A share of the training conversations first resolve one or two earlier requests (call, result, answer).
+# The template drops the reasoning of turns before the last user message, so those turns are what the model
+# writes with thinking off, and they are targets too: a prompt of 300-650 tokens, mostly the tool list, then
+# carries two or three decisions instead of one. The last request keeps the held-out mix of turn types, so no
+# request becomes rarer (runs/demo20-21 re-weighted the mix instead and lost the rarer requests).
+HISTORY_RATE = 0.5
 
 
 class _Conversation:
@@ -646,6 +662,16 @@ def _example(g: _Gen, turn_type: str) -> Example:
     u = r.random()
     mode = "on" if u < 0.7 else ("low" if u < 0.85 else "off")
     c = _Conversation(g, mode)
+    history = 0
+    if g.split == "train" and g.history.random() < HISTORY_RATE:
+        history = g.history.randint(1, 2)
+    for _ in range(history):
+        _, earlier = _task(g, c, TASK_KINDS["tool_answer"])
+        name, arguments, make_result = earlier[0]
+        c.call(name, arguments)
+        result, final = make_result(arguments)
+        c.tool_result(result)
+        c.assistant("final", final)
 
     if turn_type == "direct_answer":
         intent = r.choice(list(ANSWERS))
@@ -687,7 +713,7 @@ def _example(g: _Gen, turn_type: str) -> Example:
 
     tools = _tool_set(g, c.needed)
     kwargs = {"enable_thinking": mode != "off", "low_effort": mode == "low"}
-    return Example(c.messages, tools, kwargs, expected, turn_type, intent, g.split)
+    return Example(c.messages, tools, kwargs, expected, turn_type, intent, g.split, history)
 
 
 def _tool_set(g: _Gen, needed: list[str]) -> list[dict]:
@@ -716,7 +742,8 @@ def generate(split: str, n: int, seed: int) -> list[Example]:
     out = []
     for i in range(n):
         rng = random.Random(f"{split}:{seed}:{i}")
-        g = _Gen(split, rng, tools, shapes=random.Random(f"{split}:{seed}:{i}:shapes"))
+        g = _Gen(split, rng, tools, shapes=random.Random(f"{split}:{seed}:{i}:shapes"),
+                 history=random.Random(f"{split}:{seed}:{i}:history"))
         out.append(_example(g, rng.choices(names, weights)[0]))
     return out
 
@@ -753,10 +780,11 @@ def prompt_text(example: Example, template: str | ChatTemplate | None = None) ->
 def training_segments(example: Example, template: str | ChatTemplate | None = None) -> list[tuple[str, bool]]:
     """Split `render(example)` into (text, is_target) pieces whose concatenation is the rendered text.
 
-    Targets are the assistant turns after the last user message (earlier turns have their reasoning
-    truncated by the template, so they are context, not what the model generates), each from the end
-    of the generation prompt (`<|im_start|>assistant\\n<think>\\n` or `...<think></think>`) through
-    `<|im_end|>`.
+    Targets are the assistant turns after the last user message, each from the end of the generation
+    prompt (`<|im_start|>assistant\\n<think>\\n` or `...<think></think>`) through `<|im_end|>`. Earlier turns
+    have their reasoning dropped by the template; they are context, except in an example with `history`
+    (earlier requests), where they are targets after their `<think></think>`, as the model writes them with
+    thinking off.
     """
     template = load_template(template)
     text = render(example, template)
@@ -774,8 +802,13 @@ def training_segments(example: Example, template: str | ChatTemplate | None = No
         end = text.index("<|im_end|>", start) + len("<|im_end|>")
         search = end
         if i < last_user:
-            continue
-        target_start = start + len(gen_prompt) if text.startswith(gen_prompt, start) else start + len(header)
+            if not example.history:
+                continue
+            target_start = start + len(header)
+            if text.startswith("<think></think>", target_start):
+                target_start += len("<think></think>")
+        else:
+            target_start = start + len(gen_prompt) if text.startswith(gen_prompt, start) else start + len(header)
         segments.append((text[pos:target_start], False))
         segments.append((text[target_start:end], True))
         pos = end

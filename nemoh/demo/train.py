@@ -185,10 +185,10 @@ class CopyBatches:
 
     # E-mail rows are single characters, as the tokenizer writes an address (`build_tokenizer.EMAIL_CHARS`):
     # local part, optionally a separator and more, "@", a domain, "." and a top-level domain.
-    # The "tokens" rows (a few random vocabulary tokens) stay at chance for the whole hour (8.3 nats a token on
-    # runs/demo19, and alone for 550 steps in `copy_probe.py --kind tokens`); runs/demo20 and demo21 dropped
-    # them (docs/demo_history.md, session 16), the shipped recipe still has them.
-    MIX = {"user_id": 0.3, "ticket_id": 0.2, "email": 0.25, "tokens": 0.25}
+    # No "tokens" rows (a few random vocabulary tokens) by default: they stayed at chance for the whole hour
+    # (8.3 nats a token on runs/demo19, and alone for 550 steps in `copy_probe.py --kind tokens`), a quarter of
+    # the copy rows spent on nothing (docs/demo_history.md, session 16).
+    MIX = {"user_id": 0.4, "ticket_id": 0.25, "email": 0.35}
 
     def __init__(self, seed: int, rows: int = 64, length: int = 64, mix: dict[str, float] | None = None):
         from tokenizers import Tokenizer
