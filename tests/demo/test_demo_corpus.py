@@ -240,3 +240,26 @@ def test_tool_results_come_in_two_shapes(train):
     assert ("found", "locked", "name", "user_id") in shapes and ("name", "status", "user_id") in shapes
     assert ("ok",) in shapes and any(len(json.loads(m["content"]).get("results", [])) > 1
                                      for e in train for m in e.messages if m["role"] == "tool")
+
+
+def test_earlier_requests_are_thinking_off_targets_in_train_only(train, heldout):
+    assert not any(e.history for e in heldout)
+    examples = [e for e in train if e.history]
+    assert 0.3 < len(examples) / len(train) < 0.7 and {e.history for e in examples} == {1, 2}
+    for e in examples[:30]:
+        requests = [i for i, m in enumerate(e.messages) if m["role"] == "user" and not m["content"].startswith("<")]
+        assert len(requests) >= e.history + 1
+        targets = [text for text, is_target in corpus.training_segments(e) if is_target]
+        earlier = sum(m["role"] == "assistant" for m in e.messages[:requests[-1]])
+        assert len(targets) == sum(m["role"] == "assistant" for m in e.messages)
+        # each earlier request: a call, then the answer to its result; a target from just after the empty
+        # think, as a thinking-off reply starts
+        assert earlier >= 2 * e.history
+        assert all(not t.startswith(("<think>", "\n<think>")) for t in targets[:earlier])
+        assert targets[0].startswith("\n<tool_call>") and "<tool_call>" not in targets[1]
+
+
+def test_examples_without_earlier_requests_have_targets_after_the_last_request_only(train):
+    e = next(e for e in train if not e.history and e.turn_type == "clarify_then_tool")
+    targets = [text for text, is_target in corpus.training_segments(e) if is_target]
+    assert len(targets) == 1 and "<tool_call>" in targets[0]
