@@ -179,9 +179,10 @@ class BatchStream:
 class CopyBatches:
     """Endless batches of the copy task: rows of random tokens that hold a key and a value (`U` + 5 digits,
     `INC-` + 4 digits, an e-mail address, or with `mix` a few random tokens after a random key), then later
-    `=`, the key and the same value; the targets are the repeated value. Tickets need exactly this (an id or an e-mail copied from
-    the request or a tool result into a call), and the ticket corpus alone does not teach it within the
-    budget: on its own the task is learned in a few hundred cheap steps (`benchmarks/copy_probe.py`)."""
+    `=`, the key and the same value; the targets are the repeated value. Tickets need exactly this (an id or
+    an e-mail copied from the request or a tool result into a call), and the ticket corpus alone does not
+    teach it within the budget: on its own the task is learned in a few hundred cheap steps
+    (`benchmarks/copy_probe.py`)."""
 
     # E-mail rows are single characters, as the tokenizer writes an address (`build_tokenizer.EMAIL_CHARS`):
     # local part, optionally a separator and more, "@", a domain, "." and a top-level domain.
