@@ -404,13 +404,13 @@ class _Gen:
     """Draws one example from a split's pools with its own random stream."""
 
     def __init__(self, split: str, rng: random.Random, tools: list[dict], shapes: random.Random,
-                 history: random.Random | None = None):
+                 history: random.Random):
         self.split, self.rng, self.all_tools = split, rng, tools
         # Tool-result shapes are drawn from their own stream, so that adding them left every example's
         # entities and wording (and so the held-out prompts) as they were.
         self.shapes = shapes
         # Whether a training conversation starts with earlier requests: a stream of its own too.
-        self.history = history or random.Random(0)
+        self.history = history
         self.first, self.last = pool(FIRST_NAMES, split), pool(LAST_NAMES, split)
         self.domains, self.products = pool(DOMAINS, split), pool(PRODUCTS, split)
         self.errors, self.topics, self.reasons = pool(ERRORS, split), pool(KB_TOPICS, split), pool(REASONS, split)

@@ -263,3 +263,14 @@ def test_examples_without_earlier_requests_have_targets_after_the_last_request_o
     e = next(e for e in train if not e.history and e.turn_type == "clarify_then_tool")
     targets = [text for text, is_target in corpus.training_segments(e) if is_target]
     assert len(targets) == 1 and "<tool_call>" in targets[0]
+
+
+def test_train_how_tos_name_problem_things_and_results_may_carry_a_body(train, heldout):
+    things = [t.split(" {")[0] for c in ("hardware", "network", "email") for t in corpus.MADE_UP_PROBLEMS[c][0]]
+    topics = [e.messages[-1]["tool_calls"][0]["function"]["arguments"] for e in corpus.generate("train", 2000, 0)
+              if e.expected.get("name") == "search_kb"]
+    assert any(thing in topic for topic in topics for thing in things)
+    assert not any("set up the VPN" in topic for topic in topics)    # examples/ticket_agent.py's how-to
+    bodies = lambda examples: [m for e in examples for m in e.messages
+                               if m["role"] == "tool" and '"body"' in m["content"]]
+    assert bodies(train) and not bodies(heldout)
