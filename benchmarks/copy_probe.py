@@ -10,7 +10,7 @@ accuracy every `--every` steps.
 
 `--kind tokens` asks the same of rows of a few random vocabulary tokens after a random key (chance is
 ln(vocab) = 8.3 nats a token): in session 16 they stayed at chance for 550 steps, as they had for the whole
-hour inside runs/demo19's training (session 16's unshipped runs dropped them from the trainer's mix).
+hour inside runs/demo19's training (the trainer's mix has none since session 17).
 
     python benchmarks/copy_probe.py [--kind user_id|ticket_id|email|tokens] [--steps 400] [--lr 3e-3]
                                     [--batch 64] [--length 64]
