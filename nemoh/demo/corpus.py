@@ -124,6 +124,14 @@ URGENCY = {1: ["this is urgent", "it's an emergency", "we are completely blocked
 TITLE_FIRST_PHRASES = ["{title}. {urgency}.", "{title}. Can someone look at it? {urgency}.", "{title}, {urgency}.",
                        "{title}. Please help. {urgency}!", "{title} since this morning. {urgency}.",
                        "{title}. Could somebody check? {urgency}.", "{title} again. {urgency}."]
+# Train-only: a status question that also says what the ticket was about ("I opened it on Monday about the
+# scanner") is still a status question, not a new problem (runs/demo24 opened a ticket for
+# examples/ticket_agent.py's status question, which names its docking station).
+STATUS_CONTEXT_RATE = 0.3
+STATUS_CONTEXT = ["I opened it {when} about {thing}.", "It's about {thing}.", "I reported {thing} {when}.",
+                  "That's the one about {thing}.", "It was about {thing}, opened {when}.",
+                  "I logged it {when} because of {thing}."]
+STATUS_CONTEXT_WHEN = ["yesterday", "on Monday", "two days ago", "this morning", "last week", "on Friday"]
 # Train-only urgency phrases: the same four levels in other words, so that a priority is read from the meaning
 # ("it's urgent", "not urgent") rather than from one of three fixed phrases (examples/ticket_agent.py's
 # "It's urgent." was filed at priority 4 by runs/demo23's average weights). Held-out tickets keep URGENCY.
@@ -648,7 +656,12 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         return kind, [(name, {"user_id": p["user_id"]}, reset if kind == "reset_id" else unlock)]
     if kind == "status":
         tid = g.ticket_id()
-        c.user(g.user_text(kind, ticket_id=tid))
+        text = g.user_text(kind, ticket_id=tid)
+        if g.split == "train" and r.random() < STATUS_CONTEXT_RATE:
+            category = r.choice(["hardware", "software", "network", "email"])
+            thing = _fill(r.choice(MADE_UP_PROBLEMS[category][0]), r, g.products)
+            text += " " + r.choice(STATUS_CONTEXT).format(thing=thing, when=r.choice(STATUS_CONTEXT_WHEN))
+        c.user(text)
         status, team = r.choice(["open", "in progress", "waiting for user", "resolved"]), r.choice(TEAMS)
         category = g.shapes.choice(CATEGORIES)
         found = {"found": True, "ticket_id": tid, "title": g.shapes.choice(g.issues[category]).format(

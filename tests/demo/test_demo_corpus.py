@@ -307,3 +307,13 @@ def test_train_kb_titles_come_in_other_shapes_and_the_answer_names_the_title(tra
     assert all(f'See {results[0]["id"]}: "{results[0]["title"]}"' in answer for results, answer in train_results)
     held = searches(heldout)
     assert held and all(a["title"].startswith("How to ") for results, _ in held for a in results)
+
+
+def test_train_status_questions_may_say_what_the_ticket_was_about(train, heldout):
+    def status_texts(examples):
+        return [next(m["content"] for m in reversed(e.messages) if m["role"] == "user")
+                for e in examples if e.expected.get("name") == "get_ticket_status" and e.intent == "status"]
+    about = lambda texts: [t for t in texts if any(w in t for w in ("about", "reported", "logged it"))]
+    train_texts = status_texts(corpus.generate("train", 3000, 0))
+    assert 0.15 < len(about(train_texts)) / len(train_texts) < 0.5
+    assert not about(status_texts(heldout))
