@@ -186,7 +186,11 @@ TRAIN_ONLY_CLOSERS = [" Thanks so much.", " Regards.", " Best.", " Thank you!", 
 
 def made_up_problem(category: str, r: random.Random, products: list[str]) -> str:
     things, symptoms = MADE_UP_PROBLEMS[category]
-    text = f"{r.choice(things)} {r.choice(symptoms)}".strip()
+    return _fill(f"{r.choice(things)} {r.choice(symptoms)}".strip(), r, products)
+
+
+def _fill(text: str, r: random.Random, products: list[str]) -> str:
+    """The slots of an invented problem or thing: a room or floor number, a building letter, a product, a team."""
     return text.format(n=r.randint(1, 12), letter=r.choice("ABCDEFGH"), product=r.choice(products),
                        team_name=r.choice(MADE_UP_TEAM_NAMES))
 
@@ -439,9 +443,7 @@ class _Gen:
                 if r.random() < 0.5:
                     return f"{verb} {r.choice(KB_OBJECTS)}"
                 category = r.choice(["hardware", "software", "network", "email"])
-                thing = r.choice(MADE_UP_PROBLEMS[category][0]).format(
-                    n=r.randint(1, 12), letter=r.choice("ABCDEFGH"), product=r.choice(self.products),
-                    team_name=r.choice(MADE_UP_TEAM_NAMES))
+                thing = _fill(r.choice(MADE_UP_PROBLEMS[category][0]), r, self.products)
                 if not (verb == "set up" and "VPN" in thing):  # keep examples/ticket_agent.py's how-to unseen
                     return f"{verb} {thing}"
         return r.choice(self.topics)
