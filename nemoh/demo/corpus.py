@@ -120,6 +120,26 @@ URGENCY = {1: ["this is urgent", "it's an emergency", "we are completely blocked
            2: ["please fix it today", "it's fairly important", "it's hurting my work"],
            3: ["no big hurry", "whenever you can this week", "it's a normal request"],
            4: ["low priority", "it can wait", "no rush at all"]}
+# Train-only ticket reports that start with the problem as a sentence, then the urgency.
+TITLE_FIRST_PHRASES = ["{title}. {urgency}.", "{title}. Can someone look at it? {urgency}.", "{title}, {urgency}.",
+                       "{title}. Please help. {urgency}!", "{title} since this morning. {urgency}.",
+                       "{title}. Could somebody check? {urgency}.", "{title} again. {urgency}."]
+# Train-only: a status question that also says what the ticket was about ("I opened it on Monday about the
+# scanner") is still a status question, not a new problem (runs/demo24 opened a ticket for
+# examples/ticket_agent.py's status question, which names its docking station).
+STATUS_CONTEXT_RATE = 0.3
+STATUS_CONTEXT = ["I opened it {when} about {thing}.", "It's about {thing}.", "I reported {thing} {when}.",
+                  "That's the one about {thing}.", "It was about {thing}, opened {when}.",
+                  "I logged it {when} because of {thing}."]
+STATUS_CONTEXT_WHEN = ["yesterday", "on Monday", "two days ago", "this morning", "last week", "on Friday"]
+# Train-only urgency phrases: the same four levels in other words, so that a priority is read from the meaning
+# ("it's urgent", "not urgent") rather than from one of three fixed phrases (examples/ticket_agent.py's
+# "It's urgent." was filed at priority 4 by runs/demo23's average weights). Held-out tickets keep URGENCY.
+TRAIN_ONLY_URGENCY = {1: ["it's urgent", "urgent please", "this is critical", "ASAP please", "top priority",
+                          "nobody can work"],
+                      2: ["fairly urgent", "today if possible", "soon please", "it's important"],
+                      3: ["when you have time", "normal priority", "sometime this week", "not too pressing"],
+                      4: ["not urgent", "nothing urgent", "whenever, really", "lowest priority"]}
 
 
 # Train-only made-up entities: a share of the training people, domains and how-to topics are invented, so
@@ -136,7 +156,10 @@ KB_OBJECTS = ["the shared printer", "my VPN profile", "a distribution list", "my
               "the team wiki", "a desk booking", "my laptop drivers", "a mailbox rule", "my phone contacts",
               "the meeting room display", "a code signing key", "my home directory", "the expense app",
               "a second screen", "the guest network", "my voicemail", "my new phone", "the printer driver",
-              "a shared folder", "two-factor sign-in", "the wireless network", "the remote desktop"]
+              "a shared folder", "two-factor sign-in", "the wireless network", "the remote desktop",
+              # how-tos about new equipment are IT questions, not shopping ones (runs/demo25 answered
+              # examples/ticket_agent.py's VPN how-to as off-topic)
+              "a new laptop", "my new monitor", "the new docking station", "a new tablet", "my new headset"]
 # Train-only article snippets: a search result may carry a body, as real knowledge bases return one.
 KB_BODIES = ["Step-by-step guide with screenshots.", "Open the settings page and follow the steps.",
              "Takes about five minutes.", "Needs admin rights on the device.", "Ask your manager to approve first.",
@@ -150,17 +173,22 @@ KB_BODIES = ["Step-by-step guide with screenshots.", "Open the settings page and
 MADE_UP_PROBLEMS = {
     "hardware": (["my laptop screen", "the docking station in room {n}", "the printer on level {n}", "my headset",
                   "the badge reader", "my second monitor", "the USB-C hub", "my laptop fan", "the scanner",
-                  "my desk phone", "the meeting room camera"],
+                  "my desk phone", "the meeting room camera", "the printer on the {ordinal} floor",
+                  "the projector on the {ordinal} floor", "the screen at my desk"],
                  ["is broken", "makes a loud noise", "stopped working", "does not power on", "is cracked",
-                  "overheats", "shows no image", "beeps all the time"]),
+                  "overheats", "shows no image", "beeps all the time", "keeps restarting every few minutes",
+                  "keeps switching off"]),
     "software": (["{product}", "the {product} plugin", "the {product} app on my laptop"],
                  ["crashes when I open a file", "will not start", "hangs on the login screen",
                   "shows an error on launch", "cannot find my files", "closes by itself", "runs out of memory"]),
     "network": (["the VPN", "the Wi-Fi in meeting room {n}", "the wired network in building {letter}",
                  "the internet on level {n}", "the guest network", "the remote desktop gateway",
-                 "the network in the {letter} wing", "the wireless in the canteen"],
+                 "the network in the {letter} wing", "the wireless in the canteen", "the Wi-Fi in building {letter}",
+                 "the wireless on the {ordinal} floor", "the internet on the {ordinal} floor",
+                 "the Wi-Fi near my desk"],
                 ["is down", "drops all the time", "is very slow today", "will not connect",
-                 "disconnects after a minute", "times out", "is unreachable since this morning"]),
+                 "disconnects after a minute", "times out", "is unreachable since this morning",
+                 "keeps disconnecting", "cuts out every few minutes", "keeps losing the signal"]),
     "access": (["I cannot open the {team_name} folder", "I need access to the {team_name} site",
                 "no permission for the {team_name} report", "I am locked out of the {team_name} portal",
                 "my badge does not open the {team_name} room"], [""]),
@@ -190,9 +218,14 @@ def made_up_problem(category: str, r: random.Random, products: list[str]) -> str
 
 
 def _fill(text: str, r: random.Random, products: list[str]) -> str:
-    """The slots of an invented problem or thing: a room or floor number, a building letter, a product, a team."""
-    return text.format(n=r.randint(1, 12), letter=r.choice("ABCDEFGH"), product=r.choice(products),
-                       team_name=r.choice(MADE_UP_TEAM_NAMES))
+    """The slots of an invented problem or thing: room, floor and building numbers, a product, a team."""
+    n = r.randint(1, 12)
+    return text.format(n=n, ordinal=_ordinal(r.randint(1, 12)), letter=r.choice("ABCDEFGH"),
+                       product=r.choice(products), team_name=r.choice(MADE_UP_TEAM_NAMES))
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(n if n < 20 else n % 10, 'th')}"
 
 
 def made_up_reason(r: random.Random) -> str:
@@ -337,10 +370,19 @@ TRAIN_ONLY_PHRASES = {
            "explain how to {topic}", "look in the knowledge base: how to {topic}", "I want to {topic}, how?",
            "is there an article on how to {topic}?", "instructions to {topic} please",
            "can you show me how to {topic}?", "what's the procedure to {topic}?", "walk me through how to {topic}",
-           "I'd like to {topic}. is there a guide?", "how would one {topic}?", "need a guide: {topic}"],
+           "I'd like to {topic}. is there a guide?", "how would one {topic}?", "need a guide: {topic}",
+           # A how-to asked as a plea for help is still a how-to: with "help" only in training problem reports
+           # ("{title}. Please help."), runs/demo25 sent held-out "help me {topic}" questions to create_ticket or
+           # asked back (7 of its 9 misrouted tool prompts). These say "help" before a verb; the held-out
+           # pool's own "help me {topic}" stays unseen.
+           "I need help to {topic}", "can you assist me to {topic}?", "any help on how to {topic}?",
+           "I need some help to {topic}, is there a guide?", "could you help with how to {topic}?",
+           "I don't know how to {topic}", "I'm trying to {topic}, any guide?", "stuck trying to {topic}, how?"],
     "kb_n": ["{n} articles on how to {topic} please", "find me {n} how-tos to {topic}",
              "I need {n} guides on how to {topic}", "top {n} articles: how to {topic}",
-             "show {n} results for how to {topic}", "give me {n} kb articles to {topic}"],
+             "show {n} results for how to {topic}", "give me {n} kb articles to {topic}",
+             "look for {n} articles to {topic}", "pull up {n} guides to {topic}", "fetch {n} how-tos to {topic}",
+             "I need help to {topic}, send {n} articles"],
     "reset_bare": ["my password is not working", "I need a new password", "forgot my password again",
                    "please reset my password", "password reset please", "can I get a password reset?"],
     "unlock_bare": ["I am locked out of my account", "unlock my account please", "my login is locked",
@@ -626,7 +668,12 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         return kind, [(name, {"user_id": p["user_id"]}, reset if kind == "reset_id" else unlock)]
     if kind == "status":
         tid = g.ticket_id()
-        c.user(g.user_text(kind, ticket_id=tid))
+        text = g.user_text(kind, ticket_id=tid)
+        if g.split == "train" and r.random() < STATUS_CONTEXT_RATE:
+            category = r.choice(["hardware", "software", "network", "email"])
+            thing = _fill(r.choice(MADE_UP_PROBLEMS[category][0]), r, g.products)
+            text += " " + r.choice(STATUS_CONTEXT).format(thing=thing, when=r.choice(STATUS_CONTEXT_WHEN))
+        c.user(text)
         status, team = r.choice(["open", "in progress", "waiting for user", "resolved"]), r.choice(TEAMS)
         category = g.shapes.choice(CATEGORIES)
         found = {"found": True, "ticket_id": tid, "title": g.shapes.choice(g.issues[category]).format(
@@ -648,7 +695,16 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         if g.split == "train" and r.random() < MADE_UP_RATE:
             title = made_up_problem(category, r, g.products)
         priority = r.randint(1, 4)
-        text = g.user_text(kind, title=title, urgency=r.choice(URGENCY[priority]))
+        urgency = r.choice(URGENCY[priority] + (TRAIN_ONLY_URGENCY[priority] if g.split == "train" else []))
+        if g.split == "train" and r.random() < 0.3:
+            urgency = urgency[0].upper() + urgency[1:]
+        if g.split == "train" and r.random() < 0.25:
+            # People open with the problem, as a sentence with a capital ("The Wi-Fi on ..."), and end with
+            # the urgency; the title is copied as written.
+            title = title[0].upper() + title[1:]
+            text = r.choice(TITLE_FIRST_PHRASES).format(title=title, urgency=urgency[0].upper() + urgency[1:])
+        else:
+            text = g.user_text(kind, title=title, urgency=urgency)
         if category in ("software", "network", "email") and r.random() < 0.4:
             text += f" It shows {r.choice(g.errors)}."
         c.user(text)
@@ -666,16 +722,31 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
     else:
         c.user(g.user_text(kind, topic=topic))
     kb_id = f"KB-{r.randint(100, 999)}"
-    found_articles = [{"id": kb_id, "title": f"How to {topic}"}]
+    # Train-only article titles of other shapes: a knowledge base names its articles as it likes ("Set up the
+    # VPN client"), and with every title "How to ..." runs/demo23 answered a search whose titles were not
+    # with a made-up ticket. The answer names the article by its own title. Held-out results keep their shape.
+    title_shape = g.shapes.choice(KB_TITLE_SHAPES) if g.split == "train" and g.shapes.random() < 0.5 else None
+    kb_title = lambda t: _kb_title(t, title_shape)
+    found_articles = [{"id": kb_id, "title": kb_title(topic)}]
     for _ in range(0 if plain else g.shapes.randint(0, 2)):  # the best match first, then weaker ones
         found_articles.append({"id": f"KB-{g.shapes.randint(100, 999)}",
-                               "title": f"How to {g.shapes.choice(g.topics)}"})
-    if g.split == "train" and g.shapes.random() < 0.5:      # held-out results keep their shape
+                               "title": kb_title(g.shapes.choice(g.topics))})
+    if g.split == "train" and g.shapes.random() < 0.5:
         for article in found_articles:
             article["body"] = g.shapes.choice(KB_BODIES)
     return kind, [("search_kb", args,
                    lambda a: ({"results": found_articles},
-                              f"See {kb_id}: \"How to {topic}\" in the knowledge base."))]
+                              f"See {kb_id}: \"{found_articles[0]['title']}\" in the knowledge base."))]
+
+
+KB_TITLE_SHAPES = ["{Topic}", "{Topic} (guide)", "Guide: {topic}", "{Topic} - step by step", "FAQ: how to {topic}",
+                   "{Topic} on Windows and macOS"]
+
+
+def _kb_title(topic: str, shape: str | None) -> str:
+    if shape is None:
+        return f"How to {topic}"
+    return shape.format(topic=topic, Topic=topic[0].upper() + topic[1:])
 
 
 def _example(g: _Gen, turn_type: str) -> Example:

@@ -228,6 +228,8 @@ def test_ticket_agent_sentences_are_not_in_the_training_split():
     texts = [t.text for t in agent.TICKETS]
     users = {m["content"] for e in corpus.generate("train", 3000, 0) for m in e.messages if m["role"] == "user"}
     assert not set(texts) & users
+    # the training problems say "Wi-Fi" and "on the 4th floor", never the Wi-Fi ticket's own problem
+    assert not [u for u in users if "Wi-Fi on the" in u or "keeps dropping" in u]
     lowered = " ".join(texts).lower()
     titles = [t.lower() for v in corpus.ISSUES.values() for t in v] + [t.lower() for t in corpus.KB_TOPICS]
     assert not [t for t in titles if t.replace("{product}", "outlook") in lowered]
@@ -274,3 +276,56 @@ def test_train_how_tos_name_problem_things_and_results_may_carry_a_body(train, h
     bodies = lambda examples: [m for e in examples for m in e.messages
                                if m["role"] == "tool" and '"body"' in m["content"]]
     assert bodies(train) and not bodies(heldout)
+
+
+def test_train_only_urgency_words_and_capitalised_titles(train, heldout):
+    """Training tickets say their urgency in more words and may start with a capital, which the title copies;
+    held-out tickets use URGENCY's phrases only."""
+    def creates(examples):
+        return [(next(m["content"] for m in reversed(e.messages) if m["role"] == "user"), e.expected["arguments"])
+                for e in examples if e.expected.get("name") == "create_ticket"]
+    extra = {p.lower() for v in corpus.TRAIN_ONLY_URGENCY.values() for p in v}
+    assert not extra & {p.lower() for v in corpus.URGENCY.values() for p in v}
+    train_creates = creates(corpus.generate("train", 3000, 0))
+    assert any(p in text.lower() for text, _ in train_creates for p in extra)
+    assert all(a["title"] in text for text, a in train_creates)
+    assert any(a["title"][0].isupper() and text.startswith(a["title"]) for text, a in train_creates)
+    # "not urgent" is priority 4 although it says "urgent"
+    assert "not urgent" in corpus.TRAIN_ONLY_URGENCY[4] and "it's urgent" in corpus.TRAIN_ONLY_URGENCY[1]
+    held = creates(heldout)
+    assert held and not any(p in text.lower() for text, _ in held for p in extra if p not in ("it's important",))
+
+
+def test_train_kb_titles_come_in_other_shapes_and_the_answer_names_the_title(train, heldout):
+    def searches(examples):
+        return [(json.loads(m["content"])["results"], e.messages[-1]["content"]) for e in examples
+                for i, m in enumerate(e.messages) if m["role"] == "tool" and '"results"' in m["content"]
+                and i == len(e.messages) - 2]
+    train_results = searches(train)
+    titles = [results[0]["title"] for results, _ in train_results]
+    assert any(t.startswith("How to ") for t in titles) and any(not t.startswith("How to ") for t in titles)
+    assert all(f'See {results[0]["id"]}: "{results[0]["title"]}"' in answer for results, answer in train_results)
+    held = searches(heldout)
+    assert held and all(a["title"].startswith("How to ") for results, _ in held for a in results)
+
+
+def test_train_status_questions_may_say_what_the_ticket_was_about(train, heldout):
+    def status_texts(examples):
+        return [next(m["content"] for m in reversed(e.messages) if m["role"] == "user")
+                for e in examples if e.expected.get("name") == "get_ticket_status" and e.intent == "status"]
+    about = lambda texts: [t for t in texts if any(w in t for w in ("about", "reported", "logged it"))]
+    train_texts = status_texts(corpus.generate("train", 3000, 0))
+    assert 0.15 < len(about(train_texts)) / len(train_texts) < 0.5
+    assert not about(status_texts(heldout))
+
+
+def test_train_how_tos_may_ask_for_help_as_problem_reports_do():
+    """"help" is in training how-tos and in training problem reports alike, so it points to neither tool; the
+    held-out "help me {topic}" phrasing itself stays unseen."""
+    def last_user(e):
+        return next(m["content"] for m in reversed(e.messages) if m["role"] == "user").lower()
+    examples = corpus.generate("train", 3000, 0)
+    for tool in ("search_kb", "create_ticket"):
+        assert any("help" in last_user(e) for e in examples if e.expected.get("name") == tool), tool
+    assert "help me {topic}" in corpus.pool(corpus.PHRASES["kb"], "heldout")
+    assert not [p for p in corpus.TRAIN_ONLY_PHRASES["kb"] if p.lower().startswith("help me")]
