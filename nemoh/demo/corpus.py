@@ -484,11 +484,16 @@ class _Gen:
                 verb = r.choice(KB_VERBS)
                 if r.random() < 0.5:
                     return f"{verb} {r.choice(KB_OBJECTS)}"
-                category = r.choice(["hardware", "software", "network", "email"])
-                thing = _fill(r.choice(MADE_UP_PROBLEMS[category][0]), r, self.products)
+                thing = self.made_up_thing()
                 if not (verb == "set up" and "VPN" in thing):  # keep examples/ticket_agent.py's how-to unseen
                     return f"{verb} {thing}"
         return r.choice(self.topics)
+
+    def made_up_thing(self) -> str:
+        """An invented thing a problem is about ("the printer on the 3rd floor"), of any category but access."""
+        r = self.rng
+        category = r.choice(["hardware", "software", "network", "email"])
+        return _fill(r.choice(MADE_UP_PROBLEMS[category][0]), r, self.products)
 
     def ticket_id(self) -> str:
         return f"INC-{self.rng.randint(1000, 9999)}"
@@ -670,9 +675,7 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         tid = g.ticket_id()
         text = g.user_text(kind, ticket_id=tid)
         if g.split == "train" and r.random() < STATUS_CONTEXT_RATE:
-            category = r.choice(["hardware", "software", "network", "email"])
-            thing = _fill(r.choice(MADE_UP_PROBLEMS[category][0]), r, g.products)
-            text += " " + r.choice(STATUS_CONTEXT).format(thing=thing, when=r.choice(STATUS_CONTEXT_WHEN))
+            text += " " + r.choice(STATUS_CONTEXT).format(thing=g.made_up_thing(), when=r.choice(STATUS_CONTEXT_WHEN))
         c.user(text)
         status, team = r.choice(["open", "in progress", "waiting for user", "resolved"]), r.choice(TEAMS)
         category = g.shapes.choice(CATEGORIES)

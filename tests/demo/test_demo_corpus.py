@@ -30,6 +30,12 @@ def heldout():
     return corpus.generate("heldout", N, 0)
 
 
+@pytest.fixture(scope="module")
+def train_many():
+    """Enough training examples for the rarer shapes (generate is prefix-stable, so [:k] is generate(k))."""
+    return corpus.generate("train", 3000, 0)
+
+
 def validate(arguments: dict, schema: dict) -> None:
     """The subset of JSON schema the demo tools use: object, required, types, enums, no extra keys."""
     props = schema["properties"]
@@ -215,7 +221,7 @@ def test_made_up_entities_only_in_train(train, heldout):
     assert not {corpus._made_up_name(rng) for _ in range(2000)} & real
 
 
-def test_ticket_agent_sentences_are_not_in_the_training_split():
+def test_ticket_agent_sentences_are_not_in_the_training_split(train_many):
     """examples/ticket_agent.py measures tickets the model has not seen: its texts, problems, how-to topic
     and addresses are none of the corpus's (the train-only phrasings with "it" and "can someone look at it"
     were added after its failures, so this keeps the tickets themselves out)."""
@@ -226,7 +232,7 @@ def test_ticket_agent_sentences_are_not_in_the_training_split():
     sys.modules.setdefault("ticket_agent", agent)  # dataclasses look their module up while the class is built
     spec.loader.exec_module(agent)
     texts = [t.text for t in agent.TICKETS]
-    users = {m["content"] for e in corpus.generate("train", 3000, 0) for m in e.messages if m["role"] == "user"}
+    users = {m["content"] for e in train_many for m in e.messages if m["role"] == "user"}
     assert not set(texts) & users
     # the training problems say "Wi-Fi" and "on the 4th floor", never the Wi-Fi ticket's own problem
     assert not [u for u in users if "Wi-Fi on the" in u or "keeps dropping" in u]
@@ -267,9 +273,9 @@ def test_examples_without_earlier_requests_have_targets_after_the_last_request_o
     assert len(targets) == 1 and "<tool_call>" in targets[0]
 
 
-def test_train_how_tos_name_problem_things_and_results_may_carry_a_body(train, heldout):
+def test_train_how_tos_name_problem_things_and_results_may_carry_a_body(train, heldout, train_many):
     things = [t.split(" {")[0] for c in ("hardware", "network", "email") for t in corpus.MADE_UP_PROBLEMS[c][0]]
-    topics = [e.messages[-1]["tool_calls"][0]["function"]["arguments"] for e in corpus.generate("train", 2000, 0)
+    topics = [e.messages[-1]["tool_calls"][0]["function"]["arguments"] for e in train_many[:2000]
               if e.expected.get("name") == "search_kb"]
     assert any(thing in topic for topic in topics for thing in things)
     assert not any("set up the VPN" in topic for topic in topics)    # examples/ticket_agent.py's how-to
@@ -278,7 +284,7 @@ def test_train_how_tos_name_problem_things_and_results_may_carry_a_body(train, h
     assert bodies(train) and not bodies(heldout)
 
 
-def test_train_only_urgency_words_and_capitalised_titles(train, heldout):
+def test_train_only_urgency_words_and_capitalised_titles(train, heldout, train_many):
     """Training tickets say their urgency in more words and may start with a capital, which the title copies;
     held-out tickets use URGENCY's phrases only."""
     def creates(examples):
@@ -286,7 +292,7 @@ def test_train_only_urgency_words_and_capitalised_titles(train, heldout):
                 for e in examples if e.expected.get("name") == "create_ticket"]
     extra = {p.lower() for v in corpus.TRAIN_ONLY_URGENCY.values() for p in v}
     assert not extra & {p.lower() for v in corpus.URGENCY.values() for p in v}
-    train_creates = creates(corpus.generate("train", 3000, 0))
+    train_creates = creates(train_many)
     assert any(p in text.lower() for text, _ in train_creates for p in extra)
     assert all(a["title"] in text for text, a in train_creates)
     assert any(a["title"][0].isupper() and text.startswith(a["title"]) for text, a in train_creates)
@@ -309,22 +315,22 @@ def test_train_kb_titles_come_in_other_shapes_and_the_answer_names_the_title(tra
     assert held and all(a["title"].startswith("How to ") for results, _ in held for a in results)
 
 
-def test_train_status_questions_may_say_what_the_ticket_was_about(train, heldout):
+def test_train_status_questions_may_say_what_the_ticket_was_about(train, heldout, train_many):
     def status_texts(examples):
         return [next(m["content"] for m in reversed(e.messages) if m["role"] == "user")
                 for e in examples if e.expected.get("name") == "get_ticket_status" and e.intent == "status"]
     about = lambda texts: [t for t in texts if any(w in t for w in ("about", "reported", "logged it"))]
-    train_texts = status_texts(corpus.generate("train", 3000, 0))
+    train_texts = status_texts(train_many)
     assert 0.15 < len(about(train_texts)) / len(train_texts) < 0.5
     assert not about(status_texts(heldout))
 
 
-def test_train_how_tos_may_ask_for_help_as_problem_reports_do():
+def test_train_how_tos_may_ask_for_help_as_problem_reports_do(train_many):
     """"help" is in training how-tos and in training problem reports alike, so it points to neither tool; the
     held-out "help me {topic}" phrasing itself stays unseen."""
     def last_user(e):
         return next(m["content"] for m in reversed(e.messages) if m["role"] == "user").lower()
-    examples = corpus.generate("train", 3000, 0)
+    examples = train_many
     for tool in ("search_kb", "create_ticket"):
         assert any("help" in last_user(e) for e in examples if e.expected.get("name") == tool), tool
     assert "help me {topic}" in corpus.pool(corpus.PHRASES["kb"], "heldout")
