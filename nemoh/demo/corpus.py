@@ -675,7 +675,8 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         tid = g.ticket_id()
         text = g.user_text(kind, ticket_id=tid)
         if g.split == "train" and r.random() < STATUS_CONTEXT_RATE:
-            text += " " + r.choice(STATUS_CONTEXT).format(thing=g.made_up_thing(), when=r.choice(STATUS_CONTEXT_WHEN))
+            thing = g.made_up_thing()  # drawn before the sentence, as the shipped weights' corpus did
+            text += " " + r.choice(STATUS_CONTEXT).format(thing=thing, when=r.choice(STATUS_CONTEXT_WHEN))
         c.user(text)
         status, team = r.choice(["open", "in progress", "waiting for user", "resolved"]), r.choice(TEAMS)
         category = g.shapes.choice(CATEGORIES)

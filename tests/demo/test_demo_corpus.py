@@ -330,8 +330,7 @@ def test_train_how_tos_may_ask_for_help_as_problem_reports_do(train_many):
     held-out "help me {topic}" phrasing itself stays unseen."""
     def last_user(e):
         return next(m["content"] for m in reversed(e.messages) if m["role"] == "user").lower()
-    examples = train_many
     for tool in ("search_kb", "create_ticket"):
-        assert any("help" in last_user(e) for e in examples if e.expected.get("name") == tool), tool
+        assert any("help" in last_user(e) for e in train_many if e.expected.get("name") == tool), tool
     assert "help me {topic}" in corpus.pool(corpus.PHRASES["kb"], "heldout")
     assert not [p for p in corpus.TRAIN_ONLY_PHRASES["kb"] if p.lower().startswith("help me")]
