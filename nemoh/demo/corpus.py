@@ -120,6 +120,10 @@ URGENCY = {1: ["this is urgent", "it's an emergency", "we are completely blocked
            2: ["please fix it today", "it's fairly important", "it's hurting my work"],
            3: ["no big hurry", "whenever you can this week", "it's a normal request"],
            4: ["low priority", "it can wait", "no rush at all"]}
+# Train-only: a share of every kind of request starts with a capital, as people write. With only the
+# problem reports below starting with one, runs/demo26 read a capital as "new problem" and opened a ticket
+# for examples/ticket_agent.py's "How do I set up the VPN on a new laptop?".
+CAPITALISED_RATE = 0.3
 # Train-only ticket reports that start with the problem as a sentence, then the urgency.
 TITLE_FIRST_PHRASES = ["{title}. {urgency}.", "{title}. Can someone look at it? {urgency}.", "{title}, {urgency}.",
                        "{title}. Please help. {urgency}!", "{title} since this morning. {urgency}.",
@@ -377,12 +381,13 @@ TRAIN_ONLY_PHRASES = {
            # pool's own "help me {topic}" stays unseen.
            "I need help to {topic}", "can you assist me to {topic}?", "any help on how to {topic}?",
            "I need some help to {topic}, is there a guide?", "could you help with how to {topic}?",
-           "I don't know how to {topic}", "I'm trying to {topic}, any guide?", "stuck trying to {topic}, how?"],
+           "I don't know how to {topic}", "I'm trying to {topic}, any guide?", "stuck trying to {topic}, how?",
+           "could you give me a hand to {topic}?", "I could use some help to {topic}"],
     "kb_n": ["{n} articles on how to {topic} please", "find me {n} how-tos to {topic}",
              "I need {n} guides on how to {topic}", "top {n} articles: how to {topic}",
              "show {n} results for how to {topic}", "give me {n} kb articles to {topic}",
              "look for {n} articles to {topic}", "pull up {n} guides to {topic}", "fetch {n} how-tos to {topic}",
-             "I need help to {topic}, send {n} articles"],
+             "I need help to {topic}, send {n} articles", "dig up {n} kb articles to {topic}"],
     "reset_bare": ["my password is not working", "I need a new password", "forgot my password again",
                    "please reset my password", "password reset please", "can I get a password reset?"],
     "unlock_bare": ["I am locked out of my account", "unlock my account please", "my login is locked",
@@ -524,6 +529,8 @@ class _Gen:
             if opener and not text.startswith(("{", "I ", "I'")):
                 text = text[0].lower() + text[1:]
             text = opener + text + closer
+        if self.split == "train" and r.random() < CAPITALISED_RATE:
+            text = text[0].upper() + text[1:]
         return text.format(**slots)
 
     def tool_call(self, name: str, arguments: dict) -> dict:
@@ -713,7 +720,10 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
             text += f" It shows {r.choice(g.errors)}."
         c.user(text)
         new_id = g.ticket_id()
-        return kind, [("create_ticket", {"title": title, "category": category, "priority": priority},
+        # The call names category and priority first, in the order the reasoning just decided them: with the
+        # title first, runs/demo27 reasoned "a new network problem" and then, after a misremembered title,
+        # called category hardware for examples/ticket_agent.py's Wi-Fi outage.
+        return kind, [("create_ticket", {"category": category, "priority": priority, "title": title},
                        lambda a: ({"ticket_id": new_id, "status": "open"} if plain
                                   else {"ok": True, "ticket_id": new_id},
                                   f"I opened ticket {new_id} ({a['category']}, priority {a['priority']}). "
