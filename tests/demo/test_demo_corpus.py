@@ -334,3 +334,38 @@ def test_train_how_tos_may_ask_for_help_as_problem_reports_do(train_many):
         assert any("help" in last_user(e) for e in train_many if e.expected.get("name") == tool), tool
     assert "help me {topic}" in corpus.pool(corpus.PHRASES["kb"], "heldout")
     assert not [p for p in corpus.TRAIN_ONLY_PHRASES["kb"] if p.lower().startswith("help me")]
+
+
+def test_no_training_phrasing_contains_a_held_out_one():
+    """A held-out phrasing inside a training one ("could you help me {topic}?" around "help me {topic}") would
+    make the held-out table measure recall instead of generalisation."""
+    for intent, phrases in corpus.PHRASES.items():
+        train = corpus.pool(phrases, "train") + corpus.TRAIN_ONLY_PHRASES.get(intent, [])
+        for held in corpus.pool(phrases, "heldout"):
+            inside = re.compile(rf"(^|\W){re.escape(held.lower())}($|\W)")
+            assert not [p for p in train if inside.search(p.lower())], (intent, held)
+
+
+def test_train_requests_of_every_kind_may_start_with_a_capital(train_many, heldout):
+    """Not only problem reports: a capital must not mean "new problem" (the VPN how-to of ticket_agent.py).
+    Counted on requests whose first word is a template's own lowercase first word, not an opener's."""
+    openers = {o.split()[0].strip(",:").lower() for o in corpus.OPENERS + corpus.TRAIN_ONLY_OPENERS if o}
+
+    def capitalised(examples):
+        found = set()
+        for e in examples:
+            text = next(m["content"] for m in reversed(e.messages) if m["role"] == "user")
+            templates = corpus.PHRASES.get(e.intent, []) + corpus.TRAIN_ONLY_PHRASES.get(e.intent, [])
+            firsts = {t.split()[0] for t in templates if t[:1].islower()} - openers
+            if text.split()[0] in {w[0].upper() + w[1:] for w in firsts}:
+                found.add(e.intent)
+        return found
+    assert {"kb", "status", "escalate", "create"} <= capitalised(train_many[:2000])
+    assert not capitalised(heldout) & {"kb", "status", "escalate"}
+
+
+def test_create_ticket_calls_name_category_and_priority_before_the_title(train):
+    """The order in which the reasoning decides them ("a new network problem with priority 1")."""
+    calls = [json.loads(c["function"]["arguments"]) for e in train for m in e.messages if m["role"] == "assistant"
+             for c in m.get("tool_calls") or [] if c["function"]["name"] == "create_ticket"]
+    assert calls and all(list(a) == ["category", "priority", "title"] for a in calls)
