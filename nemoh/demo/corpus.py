@@ -223,9 +223,13 @@ def made_up_problem(category: str, r: random.Random, products: list[str]) -> str
 
 def _fill(text: str, r: random.Random, products: list[str]) -> str:
     """The slots of an invented problem or thing: room, floor and building numbers, a product, a team."""
-    n = r.randint(1, 12)
-    return text.format(n=n, ordinal=_ordinal(r.randint(1, 12)), letter=r.choice("ABCDEFGH"),
+    return text.format(n=r.randint(1, 12), ordinal=_ordinal(r.randint(1, 12)), letter=r.choice("ABCDEFGH"),
                        product=r.choice(products), team_name=r.choice(MADE_UP_TEAM_NAMES))
+
+
+def _capitalised(text: str) -> str:
+    """The first character upper-cased and the rest kept (str.capitalize would lower "VPN" and ids)."""
+    return text[:1].upper() + text[1:]
 
 
 def _ordinal(n: int) -> str:
@@ -530,7 +534,7 @@ class _Gen:
                 text = text[0].lower() + text[1:]
             text = opener + text + closer
         if self.split == "train" and r.random() < CAPITALISED_RATE:
-            text = text[0].upper() + text[1:]
+            text = _capitalised(text)
         return text.format(**slots)
 
     def tool_call(self, name: str, arguments: dict) -> dict:
@@ -708,12 +712,12 @@ def _task(g: _Gen, c: _Conversation, kinds: list[str]) -> tuple[str, list]:
         priority = r.randint(1, 4)
         urgency = r.choice(URGENCY[priority] + (TRAIN_ONLY_URGENCY[priority] if g.split == "train" else []))
         if g.split == "train" and r.random() < 0.3:
-            urgency = urgency[0].upper() + urgency[1:]
+            urgency = _capitalised(urgency)
         if g.split == "train" and r.random() < 0.25:
             # People open with the problem, as a sentence with a capital ("The Wi-Fi on ..."), and end with
             # the urgency; the title is copied as written.
-            title = title[0].upper() + title[1:]
-            text = r.choice(TITLE_FIRST_PHRASES).format(title=title, urgency=urgency[0].upper() + urgency[1:])
+            title = _capitalised(title)
+            text = r.choice(TITLE_FIRST_PHRASES).format(title=title, urgency=_capitalised(urgency))
         else:
             text = g.user_text(kind, title=title, urgency=urgency)
         if category in ("software", "network", "email") and r.random() < 0.4:
@@ -760,7 +764,7 @@ KB_TITLE_SHAPES = ["{Topic}", "{Topic} (guide)", "Guide: {topic}", "{Topic} - st
 def _kb_title(topic: str, shape: str | None) -> str:
     if shape is None:
         return f"How to {topic}"
-    return shape.format(topic=topic, Topic=topic[0].upper() + topic[1:])
+    return shape.format(topic=topic, Topic=_capitalised(topic))
 
 
 def _example(g: _Gen, turn_type: str) -> Example:
