@@ -271,6 +271,10 @@ SHAPES = {
     "tool_results_interleaved": ([user("a"), assistant(None, None, [call("ping", {}, "c1")]), tool("p1", "c1"),
                                   assistant(None, None, [call("ping", {}, "c2")]), tool("p2", "c2"),
                                   assistant("done")], [PING], None),
+    # Content that is neither text nor a list of parts (Python API only): NVIDIA's branches for it.
+    "content_not_text": ([user(7), assistant(42), user({"k": "v"}), assistant({"k": "v"}, None, [call("ping", {})]),
+                          tool(3.5)], [PING], None),
+    "system_not_first": ([user("a"), system("late system")], None, None),
     "second_system_message": ([system("first"), user("a"), system("second"), user("b")], None, None),
     "other_role": ([user("a"), {"role": "developer", "content": "dev note"}, user("b")], None, None),
     "content_parts": ([system(parts("sys ", "parts")), user(parts("look ", "here")),
