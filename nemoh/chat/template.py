@@ -21,10 +21,14 @@ On top of the sandbox, three limits keep one bad template from taking the server
    number above the cap (``'%999999999s' % x``, ``'{:>999999999}'.format(x)``, ``|format``).
 3. Every failure (syntax, ``raise_exception``, sandbox violation, limit) is one ``TemplateError``.
 
-Messages are copied into plain JSON data before rendering (the template never sees caller objects),
-keys whose value is None are dropped (as HF does), and a tool call's ``function.arguments`` given as
-a JSON string is decoded to an object, because templates (Nemotron 3's included) iterate it with
-``|items`` while OpenAI clients send it as a string (vLLM does the same).
+Messages are prepared as transformers' ``apply_chat_template`` prepares them: copied into plain JSON
+data (the template never sees caller objects), keys whose value is None dropped, and a message's
+reasoning given as ``reasoning`` or ``thinking`` copied to ``reasoning_content`` (and ``thinking``),
+which templates read. One step goes further than HF: a tool call's ``function.arguments`` given as a
+JSON string is decoded to an object, because templates (Nemotron 3's included) iterate it with
+``|items`` while OpenAI clients send it as a string (vLLM does the same); NVIDIA's Nemotron 3 template
+fails on the string. Content given as a list of parts is left to the template (nemoh's Nemotron 3
+template joins the text parts; the server joins them before rendering).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ _MAX_EXPONENT = 4096
 # jinja compiles templates made with from_string() under this file name.
 _TEMPLATE_FILENAME = "<template>"
 _DIGITS = re.compile(r"\d+")
+# The names a message's reasoning comes under; templates read the first (gpt-oss ones the second).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -384,6 +390,9 @@ def _plain(value: Any) -> Any:
 
 def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     plain = {k: v for k, v in _plain(message).items() if v is not None}
+    reasoning = next((plain[k] for k in _REASONING_FIELDS if k in plain), None)
+    if reasoning is not None:
+        plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
     tool_calls = plain.get("tool_calls")
     if isinstance(tool_calls, list):
         for call in tool_calls:

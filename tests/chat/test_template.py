@@ -124,6 +124,21 @@ def test_messages_are_normalized_not_mutated():
     assert msg["tool_calls"][0]["function"]["arguments"] == "{\"a\": 1}"  # caller's object untouched
 
 
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": "a", "reasoning": "r"},
+    {"role": "assistant", "content": "a", "thinking": "r"},
+    {"role": "assistant", "content": "a", "reasoning_content": "first", "reasoning": "second"},
+    {"role": "assistant", "content": "a", "reasoning": None, "thinking": "r"},
+])
+def test_reasoning_fields_are_aliased_as_hf_does(message):
+    source = "{% for m in messages %}{{ m | tojson }}{% endfor %}"
+    out = json.loads(ChatTemplate(source).render([message], add_generation_prompt=False))
+    expected = message.get("reasoning_content") or message.get("thinking") or message.get("reasoning")
+    assert out["reasoning_content"] == out["thinking"] == expected
+    hf_input = {k: v for k, v in message.items() if v is not None}  # apply_chat_template drops None first
+    assert out == json.loads(_hf_render(source, [hf_input], add_generation_prompt=False))
+
 # ---- loading -------------------------------------------------------------------------------------
 
 
