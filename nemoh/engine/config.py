@@ -58,6 +58,8 @@ class EngineArgs:
     cpu_memory_utilization: float = 0.25           # fraction of available RAM used for caches on CPU
     cpu_packed_weights: bool = True                # CPU: multiply by oneDNN-packed copies of the weights of
                                                    # 131072+ elements (faster; one more copy of each in memory)
+    enforce_eager: bool = False                    # True: every step runs the eager PyTorch forward (no captured
+                                                   # steps; nemoh.engine.captured_step)
     num_kv_blocks: int | None = None               # explicit cache sizes (tests); override the memory budget
     num_state_slots: int | None = None
     # speculative decoding
@@ -86,8 +88,9 @@ class EngineArgs:
             bad("mamba_ssm_cache_dtype", f"must be one of {SSM_CACHE_DTYPES}")
         if self.cache_memory_gb is not None and not self.cache_memory_gb > 0:
             bad("cache_memory_gb", "must be > 0")
-        if not isinstance(self.cpu_packed_weights, bool):
-            bad("cpu_packed_weights", "must be True or False")
+        for name in ("cpu_packed_weights", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         for name in ("gpu_memory_utilization", "cpu_memory_utilization"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 bad(name, "must be in (0, 1]")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nemoh.engine.captured_step import CapturedSteps
 from nemoh.engine.config import EngineArgs
 from nemoh.engine.kv_cache import allocate_kv_caches, blocks_for, kv_bytes_per_block, kv_cache_dtype
 from nemoh.engine.scheduler import ScheduledSeq
@@ -82,6 +83,8 @@ class ModelRunner:
             "nemoh cache: %d KV blocks x %d tokens = %d tokens of KV (%s, %d layers), %d Mamba state slots "
             "(ssm %s), %.3f GiB", self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.block_size,
             self.kv_dtype, len(self.kv_layer_ids), self.num_state_slots, self.ssm_dtype, self.cache_bytes / GiB)
+        # decode and verification steps replayed without per-operator overhead (None: every step is eager)
+        self.captured = CapturedSteps.create(model, self, args, max_model_len)
 
     # ---- sizing ---------------------------------------------------------------------------------------
     def _size_caches(self, max_model_len: int, k: int) -> tuple[int, int]:
@@ -152,11 +155,24 @@ class ModelRunner:
     # ---- the main model ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> list[SeqResult]:
-        """Run the main model over the batch. Verification (sequences with drafts) runs in its own forward
-        with intermediate Mamba states saved, so prefill chunks never pay for per-position states."""
-        verify = [s for s in scheduled if s.num_draft_tokens]
-        plain = [s for s in scheduled if not s.num_draft_tokens]
+        """Run the main model over the batch. Uniform decode and verification steps take the captured step;
+        the rest the eager forward, where verification (sequences with drafts) runs in its own forward with
+        intermediate Mamba states saved, so prefill chunks never pay for per-position states."""
         results: dict[int, SeqResult] = {}
+        if self.captured is not None:
+            by_q: dict[int, list[ScheduledSeq]] = {}
+            for s in scheduled:
+                q = self.captured.takes(s)
+                if q:
+                    by_q.setdefault(q, []).append(s)
+            for q, group in by_q.items():
+                for s, o in zip(group, self.captured.run_main(group, q)):
+                    results[s.seq.seq_id] = SeqResult(s, s.seq.num_computed_tokens,
+                                                      o.hidden if self.keeps_all_hidden else None, o.logits,
+                                                      o.intermediate, o.argmax)
+        rest = [s for s in scheduled if s.seq.seq_id not in results]
+        verify = [s for s in rest if s.num_draft_tokens]
+        plain = [s for s in rest if not s.num_draft_tokens]
         for group, save in ((plain, False), (verify, True)):
             if group:
                 for r in self._forward(group, save):

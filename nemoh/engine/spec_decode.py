@@ -45,6 +45,19 @@ class MTPProposer:
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> None:
+        captured = self.runner.captured
+        if captured is not None and self.k:
+            # a decode or verification step's requests draft in the captured MTP steps; prefill chunks do not
+            quick = [r for r in requests if r.needs_draft and r.start > 0 and 1 <= r.hidden.shape[0] <= 1 + self.k]
+            if quick and captured.takes_drafts([r.hidden.shape[0] for r in quick], [r.start for r in quick]):
+                drafts = captured.draft([r.seq for r in quick], [r.start for r in quick], [r.hidden for r in quick])
+                for r, d in zip(quick, drafts):
+                    r.seq.draft_token_ids = d
+                taken = {id(r) for r in quick}
+                requests = [r for r in requests if id(r) not in taken]
+        self._propose_eager(requests)
+
+    def _propose_eager(self, requests: list[DraftRequest]) -> None:
         if not requests:
             return
         seqs = [r.seq for r in requests]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemoh.config import NemotronHConfig
-from nemoh.models.forward_context import ForwardContext, consecutive_span
+from nemoh.models.forward_context import ForwardContext, StepContext, consecutive_span
 from nemoh.models.fused import SharedWeight
 from nemoh.models.linear import Linear, PackedWeight
 
@@ -180,6 +180,40 @@ class Attention(nn.Module):
         scores.masked_fill_(~mask.view(b, 1, 1, kv_len), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values.transpose(1, 2)).view(b, self.num_heads, self.head_dim)
+
+
+    # ---- the graph-safe uniform step ---------------------------------------------------------------------
+    def forward_step(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """x: (num_seqs * q, hidden) -> (num_seqs * q, hidden) with no host synchronisation: the rows' keys and
+        values written at ctx.slot_mapping, then each sequence's blocks gathered whole (max_blocks of them, so
+        the shapes are fixed) and row r attending the keys at positions <= positions[r]."""
+        n, S, q = x.shape[0], ctx.num_seqs, ctx.q
+        qs, k, v = self._project_qkv(x)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        k_scale, v_scale = ctx.kv_scales.get(self.layer_idx, (1.0, 1.0))
+        quantized = k_cache.dtype in FP8_DTYPES
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if quantized:
+            # as bytes: index_copy_ has no float8 kernel on every device
+            k = (k.float() / k_scale).to(k_cache.dtype).view(torch.uint8)
+            v = (v.float() / v_scale).to(v_cache.dtype).view(torch.uint8)
+            flat_k, flat_v = flat_k.view(torch.uint8), flat_v.view(torch.uint8)
+        flat_k.index_copy_(0, ctx.slot_mapping, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, ctx.slot_mapping, v.to(flat_v.dtype))
+        blocks = ctx.block_tables.reshape(-1)
+        length = ctx.block_tables.shape[1] * ctx.block_size
+        keys, values = _read(k_cache.index_select(0, blocks).view(S, length, self.num_kv_heads, self.head_dim),
+                             v_cache.index_select(0, blocks).view(S, length, self.num_kv_heads, self.head_dim),
+                             (k_scale, v_scale) if quantized else None, qs.dtype)
+        visible = torch.arange(length, device=x.device)[None, :] <= ctx.positions[:, None]          # (n, length)
+        out = F.scaled_dot_product_attention(
+            qs.view(S, q, self.num_heads, self.head_dim).transpose(1, 2), keys.transpose(1, 2),
+            values.transpose(1, 2), attn_mask=visible.view(S, 1, q, length), scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(n, self.num_heads * self.head_dim))
 
 
 def _read(keys: torch.Tensor, values: torch.Tensor, scales: tuple[float, float] | None, dtype: torch.dtype):

@@ -168,3 +168,32 @@ class ForwardContext:
             query_start_loc=[i * seq_len for i in range(batch_size + 1)],
             context_lens=[0] * batch_size,
         )
+
+
+@dataclass
+class StepContext:
+    """A uniform step with static shapes and no host synchronisation (the graph-safe forward, `forward_step`):
+    `num_seqs` sequences, each continuing from its caches with exactly `q` new tokens (q = 1: decode; 1 + k: a
+    speculative verification). Row r = s * q + j is token j of sequence s. Everything the layers index with
+    is a device tensor prepared once per step, so the forward can be compiled (`fullgraph=True`) or captured
+    as a CUDA graph per (num_seqs, q) bucket.
+
+      positions     (num_seqs * q,) int64   absolute position of each row's token
+      slot_mapping  (num_seqs * q,) int64   flat KV slot each row's key and value are written to
+      state_slots   (num_seqs,) int64       Mamba state slot of each sequence
+      block_tables  (num_seqs, max_blocks) int64, block ids (the unused tail may hold anything valid)
+      saved_states  verification only: {layer: (conv (>= num_seqs, q, conv_dim, k - 1),
+                                                ssm (>= num_seqs, q, H, P, N))}, filled with the state after
+                    every row (the engine rolls back to the last accepted one)
+    """
+    num_seqs: int
+    q: int
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    state_slots: torch.Tensor
+    block_tables: torch.Tensor
+    block_size: int
+    kv_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    mamba_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+    saved_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None

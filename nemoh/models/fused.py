@@ -18,6 +18,12 @@ class SharedWeight:
         self.pointers: list[int] = []
 
     def get(self, params: list[nn.Parameter]) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # a compiled graph reads the combined tensor built before compilation (storage pointers are not
+            # traceable), or combines the parameters itself
+            if self.whole is not None:
+                return self.whole
+            return torch.stack(params) if self.stack else torch.cat(params)
         if self.whole is None or [p.data_ptr() for p in params] != self.pointers:
             with torch.no_grad():
                 parts = [p.detach() for p in params]

@@ -62,8 +62,9 @@ class PackedWeight:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # under autocast `F.linear` casts as autocast asks; the oneDNN op would silently stay in the weight's
         # dtype and hand float32 to layers that autocast gives bfloat16 (the trainer's `--eval` crashed so)
-        if (not self.enabled or torch.is_grad_enabled() or x.dtype is not weight.dtype or not packable(weight)
-                or torch.is_autocast_enabled(x.device.type)):
+        # a compiled graph does its own products (the packed copy's bookkeeping is not traceable)
+        if (torch.compiler.is_compiling() or not self.enabled or torch.is_grad_enabled() or x.dtype is not weight.dtype
+                or not packable(weight) or torch.is_autocast_enabled(x.device.type)):
             return F.linear(x, weight, bias)
         # tensors made under inference_mode keep no version counter (and are seldom written in place)
         version = -1 if weight.is_inference() else weight._version

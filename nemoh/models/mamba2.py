@@ -5,7 +5,10 @@ Steps, numbered as in REFERENCE §1:
 3. dt = softplus(dt + dt_bias) clamped to time_step_limit; A = -exp(A_log)
 4. the SSD recurrence (nemoh.models.ssd) plus the D skip     5. gated grouped RMSNorm      6. out_proj
 
-Three ways through step 2-4, all the same math:
+`forward_step` is the graph-safe version for uniform steps (every sequence q new tokens; nemoh.models.
+forward_context.StepContext): static shapes, state slots read and written through device index tensors.
+
+Three ways through step 2-4 in `forward`, all the same math:
 - decode (one new token for a sequence that has state): batched across such sequences, one step;
 - a few new tokens with `ctx.save_intermediate_states` (speculative verification): step by step, keeping the
   state after every position so the engine can roll back;
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemoh.config import NemotronHConfig
-from nemoh.models.forward_context import ForwardContext
+from nemoh.models.forward_context import ForwardContext, StepContext
 from nemoh.models.linear import Linear
 from nemoh.models.norm import GatedGroupRMSNorm
 from nemoh.models.ssd import ssd_chunked, ssd_step_, ssd_steps
@@ -216,3 +219,39 @@ class Mamba2Mixer(nn.Module):
             out = ssd_step_(state, x, dt[rows], A, B, C)
             ssm_cache[slots] = state.to(ssm_cache.dtype)
         y[rows] = out + self.D.float()[:, None] * x.float()
+
+    # ---- the graph-safe uniform step ---------------------------------------------------------------------
+    def forward_step(self, hidden: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """hidden: (num_seqs * q, hidden) -> (num_seqs * q, hidden); q new tokens per sequence, each sequence
+        continuing from its slot's state, with no host synchronisation and shapes fixed by (num_seqs, q)."""
+        S, q, K1 = ctx.num_seqs, ctx.q, self.conv_kernel - 1
+        proj = self.in_proj(hidden)                                                             # 1.
+        z, xbc, dt = torch.split(proj, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        conv_cache, ssm_cache = ctx.mamba_caches[self.layer_idx]
+        slots = ctx.state_slots
+        padded = torch.cat([conv_cache.index_select(0, slots).to(xbc.dtype),
+                            xbc.reshape(S, q, self.conv_dim).transpose(1, 2)], dim=2)           # (S, c, k-1+q)
+        conv = (padded.unfold(2, self.conv_kernel, 1) * self.conv1d.weight).sum(-1)             # 2. (S, c, q)
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias[:, None]
+        x, B, C = self._split_xbc(F.silu(conv.transpose(1, 2)))                                # (S, q, ...)
+        A = -torch.exp(self.A_log.float())                                                      # 3.
+        dt = self._discretize(dt).view(S, q, self.num_heads)
+        heads_per_group = self.num_heads // self.n_groups
+        Bh = B.float().repeat_interleave(heads_per_group, dim=2)                                 # (S, q, h, n)
+        Ch = C.float().repeat_interleave(heads_per_group, dim=2)
+        state = ssm_cache.index_select(0, slots).float()                                       # (S, h, p, n)
+        ys = []
+        for j in range(q):                                                                      # 4.
+            xdt = x[:, j].float() * dt[:, j, :, None]                                           # (S, h, p)
+            state = state * torch.exp(dt[:, j] * A)[..., None, None] + xdt[..., None] * Bh[:, j, :, None, :]
+            ys.append((state * Ch[:, j, :, None, :]).sum(-1))
+            if ctx.saved_states is not None:
+                saved_conv, saved_ssm = ctx.saved_states[self.layer_idx]
+                saved_conv[:S, j] = padded[:, :, j + 1:j + 1 + K1].to(saved_conv.dtype)
+                saved_ssm[:S, j] = state.to(saved_ssm.dtype)
+        conv_cache.index_copy_(0, slots, padded[:, :, -K1:].to(conv_cache.dtype))
+        ssm_cache.index_copy_(0, slots, state.to(ssm_cache.dtype))
+        y = torch.stack(ys, 1) + self.D.float()[:, None] * x.float()                          # (S, q, h, p)
+        y = self.norm(y.reshape(S * q, self.d_inner), z)                                        # 5.
+        return self.out_proj(y.to(hidden.dtype))                                                # 6.

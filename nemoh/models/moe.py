@@ -10,6 +10,8 @@ from nemoh.config import NemotronHConfig
 from nemoh.models.fused import SharedWeight
 from nemoh.models.linear import Linear
 from nemoh.models.mlp import MLP, relu2
+from nemoh.quant.fp8 import dequantize_fp8
+from nemoh.quant.nvfp4 import dequantize_nvfp4
 
 
 # Token counts for which inference runs the experts as one batched product padded to the busiest expert:
@@ -81,6 +83,7 @@ class LatentMoE(nn.Module):
             self.fc2_latent_proj = Linear(self.latent_size, config.hidden_size, bias=config.mlp_bias)
         self._up, self._down = SharedWeight(stack=True), SharedWeight(stack=True)
         self._cached_projections: tuple | None = None
+        self._quant_stacks: dict[tuple[str, str], SharedWeight] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
@@ -180,6 +183,43 @@ class LatentMoE(nn.Module):
                 start += count
         return torch.cat(outputs)
 
+    # ---- the graph-safe uniform step ---------------------------------------------------------------------
+    def forward_step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with no host synchronisation and no data-dependent shapes: x (n, hidden) -> (n, hidden)."""
+        weights, ids = self.gate(x)
+        u = self.fc1_latent_proj(x) if self.latent_size is not None else x                   # 4.
+        routed = self._gathered_experts(u, weights, ids)
+        if self.latent_size is not None:
+            routed = self.fc2_latent_proj(routed)
+        return routed + self.shared_experts(x)                                               # 5.
+
+    def _gathered_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's k experts from weights gathered by expert id (n * k <= experts: a decode batch reads only
+        the chosen experts) or every expert on every row (larger batches), each then summed with its routing
+        weight; shapes depend only on (n, k). Quantized experts are dequantised after the gather."""
+        n, k = ids.shape
+        up, down = self._expert_weights(u.dtype, ids.reshape(-1) if n * k <= self.num_experts else None)
+        if n * k <= self.num_experts:
+            hidden = relu2(torch.einsum("rl,rkil->rki", u, up.view(n, k, *up.shape[1:])))
+            out = torch.einsum("rki,rkli->rkl", hidden, down.view(n, k, *down.shape[1:]))
+        else:
+            hidden = relu2(torch.einsum("rl,eil->eri", u, up))
+            out = torch.einsum("eri,eli->erl", hidden, down)                                 # (E, n, L)
+            out = out[ids, torch.arange(n, device=u.device)[:, None]]                        # (n, k, L)
+        return (out.float() * weights[..., None]).sum(1).to(u.dtype)
+
+    def _expert_weights(self, dtype: torch.dtype, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up (m, I, L) and down (m, L, I) weights in `dtype` of experts `ids` (every expert when None), read
+        from one stacked tensor per stored tensor (the modules' own storage, see SharedWeight)."""
+        ups, downs, plain = self._projections()
+        if plain:
+            up, down = self._stacked_weights()
+            if ids is not None:
+                up, down = up.index_select(0, ids), down.index_select(0, ids)
+            return up.to(dtype), down.to(dtype)
+        return tuple(_dequantized_stack(self._quant_stacks, which, modules, dtype, ids)
+                     for which, modules in (("up", ups), ("down", downs)))
+
     def _one_token_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """A decode step's single token: its k experts one after another, with no sorting or scatter. The
         grouped product runs a matmul for every expert, the empty ones too (12 of the demo model's 16 for one
@@ -192,6 +232,20 @@ class LatentMoE(nn.Module):
         else:
             outs = [downs[e](relu2(ups[e](u))) for e in ids[0].tolist()]
         return (torch.cat(outs).float() * weights[0, :, None]).sum(0, keepdim=True).to(u.dtype)
+
+
+def _dequantized_stack(stacks: dict, which: str, modules: tuple[nn.Module, ...], dtype: torch.dtype,
+                       ids: torch.Tensor | None) -> torch.Tensor:
+    """The experts `ids` (all when None) of one projection of quantized experts, dequantised: their packed
+    tensors live stacked (E, ...) in one tensor per name, gathered by id, then decoded as nemoh.quant does."""
+    def stacked(name: str) -> torch.Tensor:
+        shared = stacks.setdefault((which, name), SharedWeight(stack=True))
+        whole = shared.get([getattr(m, name) for m in modules])
+        return whole if ids is None else whole.index_select(0, ids)
+
+    if modules[0].scheme == "nvfp4":
+        return dequantize_nvfp4(stacked("weight"), stacked("weight_scale"), stacked("weight_scale_2"), dtype)
+    return dequantize_fp8(stacked("weight"), stacked("weight_scale"), dtype)
 
 
 def padded_tokens(dtype: torch.dtype) -> range:

@@ -58,6 +58,20 @@ def run_layers(layers, x: torch.Tensor, ctx: ForwardContext, rows: list[int] | N
     return x
 
 
+def run_layers_step(layers, x: torch.Tensor, ctx) -> torch.Tensor:
+    """`run_layers` for a uniform step (nemoh.models.forward_context.StepContext): every row through every
+    layer with each mixer's graph-safe `forward_step`."""
+    for layer in layers:
+        mixer, h = layer.mixer, layer.norm(x)
+        if layer.layer_type in CACHED_TYPES:
+            x = x + mixer.forward_step(h, ctx)
+        elif layer.layer_type == "moe":
+            x = x + mixer.forward_step(h)
+        else:
+            x = x + mixer(h)
+    return x
+
+
 class MTPLayer(nn.Module):
     def __init__(self, config: NemotronHConfig, layer_type: str, cache_idx: int, is_first: bool, is_last: bool):
         super().__init__()
@@ -92,3 +106,9 @@ class MTPBlock(nn.Module):
         first = self.layers[0]
         x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))
         return self.layers[-1].final_layernorm(run_layers(self.layers, x, ctx, rows))
+
+    def forward_step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx) -> torch.Tensor:
+        """`forward` for a uniform step (graph-safe), every row."""
+        first = self.layers[0]
+        x = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(hidden)], dim=-1))
+        return self.layers[-1].final_layernorm(run_layers_step(self.layers, x, ctx))

@@ -17,7 +17,7 @@ from torch import nn
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext
 from nemoh.models.linear import Linear
-from nemoh.models.mtp import MTPBlock, make_mixer, run_layers
+from nemoh.models.mtp import MTPBlock, make_mixer, run_layers, run_layers_step
 from nemoh.models.norm import RMSNorm
 
 
@@ -67,6 +67,16 @@ class NemotronHForCausalLM(nn.Module):
     def forward_hidden(self, input_ids: torch.Tensor, ctx: ForwardContext,
                        rows: list[int] | None = None) -> torch.Tensor:
         return self.backbone(input_ids, ctx, rows)
+
+    def forward_step(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
+        """The graph-safe forward of a uniform step (nemoh.models.forward_context.StepContext): flat input_ids
+        (num_seqs * q,) -> hidden after norm_f (num_seqs * q, hidden); static shapes, no host synchronisation."""
+        backbone = self.backbone
+        return backbone.norm_f(run_layers_step(backbone.layers, backbone.embeddings(input_ids), ctx))
+
+    def mtp_forward_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, ctx) -> torch.Tensor:
+        """The MTP block over a uniform step's rows (graph-safe): (n,), (n, hidden) -> (n, hidden)."""
+        return self.mtp.forward_step(self.backbone.embeddings(input_ids), hidden, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -40,8 +40,10 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """FP8 values times a per-tensor scale, computed in float32, cast to `dtype`."""
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(())
+    """FP8 values times a per-tensor scale, computed in float32, cast to `dtype`. Stacked weights (*batch,
+    out, in) may come with one scale per batch entry, `scale` of shape (*batch,)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    scale = scale.reshape(()) if scale.numel() == 1 else scale[..., None, None]
     return (q.float() * scale).to(dtype)
 
 

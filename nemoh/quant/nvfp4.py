@@ -145,7 +145,8 @@ def dequantize_nvfp4(
 
     One table gather decodes each byte into its two values and the per-block scale (already multiplied
     by the tensor scale) is broadcast over the 16 inputs of its block; the only Python loop is over
-    row chunks of about a million weights. Leading batch dims (e.g. stacked experts) are allowed.
+    row chunks of about a million weights. Leading batch dims (e.g. stacked experts) are allowed, with one
+    tensor scale per batch entry when `scale_2` has those dims (shape (*batch,)).
     """
     if packed.dtype != torch.uint8:
         raise ValueError(f"NVFP4 weight must be uint8 (out, in/2), got {packed.dtype}")
@@ -157,7 +158,8 @@ def dequantize_nvfp4(
             f"{tuple(scale.shape)} (out, in/16)"
         )
     _, byte_table = _tables(packed.device)
-    block_scale = scale.float() * torch.as_tensor(scale_2, dtype=torch.float32, device=scale.device).reshape(())
+    scale_2 = torch.as_tensor(scale_2, dtype=torch.float32, device=scale.device)
+    block_scale = scale.float() * (scale_2.reshape(()) if scale_2.numel() == 1 else scale_2[..., None, None])
     in_features = half_in * 2
     rows_packed = packed.reshape(-1, half_in)
     rows_scale = block_scale.reshape(-1, num_blocks)

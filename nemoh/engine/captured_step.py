@@ -1,0 +1,209 @@
+"""Captured steps: the steady-state forward of serving replayed without per-operator overhead.
+
+A step is *uniform* when every sequence in it continues from its caches with the same number q of new
+tokens: a decode step (q = 1) or a speculative verification (q = 1 + k). After prefill, every step of a
+served request is uniform, so this is where decode time goes. Prefill chunks and anything irregular take the
+eager PyTorch forward (nemoh/models/, the reference), which stays the fallback (`enforce_eager=True`).
+
+On a CPU a captured step is a native plan (`nemoh.kernels.cpu_plan.StackPlan`): the model's layers as one list
+of native kernel calls over persistent input buffers, replayed by one call per step (the CPU's analogue of a
+CUDA graph). Speculative decoding uses four: the main model's decode (q = 1) and verification (q = 1 + k)
+steps, the MTP block over a verification's positions (q = 1 + k rows, one drafted), and one MTP draft step.
+
+Filling the inputs is the only per-step Python: token ids, positions, KV slots and state slots per row and
+sequence, and the part of each block table that changed since the last step.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from nemoh.engine.kv_cache import blocks_for
+from nemoh.engine.scheduler import ScheduledSeq
+from nemoh.engine.sequence import Sequence
+from nemoh.kernels import cpu_library
+from nemoh.kernels.cpu_plan import PlanCaches, StackPlan, plan_supports
+
+logger = logging.getLogger(__name__)
+
+
+def _int_view(t: torch.Tensor, ctype) -> ctypes.Array:
+    """A ctypes array over a contiguous integer tensor: assigning a Python list to a slice of it is ~20x faster
+    than building a tensor from the list."""
+    return (ctype * t.numel()).from_address(t.data_ptr())
+
+
+class _PlanInputs:
+    """Writes a step's rows and sequences into a plan's input buffers."""
+
+    def __init__(self, plan: StackPlan, block_size: int):
+        self.plan = plan
+        self.block_size = block_size
+        self.ids = _int_view(plan.ids, ctypes.c_int64)
+        self.positions = _int_view(plan.positions, ctypes.c_int64)
+        self.slot_mapping = _int_view(plan.slot_mapping, ctypes.c_int64)
+        self.slots = _int_view(plan.slots, ctypes.c_int64)
+        self.select = _int_view(plan.select, ctypes.c_int64) if plan.select is not None else None
+        width = plan.max_blocks
+        base = plan.block_tables.data_ptr()
+        self.tables = [(ctypes.c_int32 * width).from_address(base + 4 * width * i) for i in range(plan.max_seqs)]
+        self.table_of_row: list[tuple[int, int]] = [(-1, 0)] * plan.max_seqs   # (seq_id, blocks written)
+
+    def fill(self, seqs: list[Sequence], starts: list[int], tokens: list[int]) -> None:
+        """Sequence i feeds q tokens at positions starts[i] .. starts[i] + q - 1 (tokens: q per sequence)."""
+        q, bs = self.plan.q, self.block_size
+        n = len(seqs)
+        positions, slot_mapping = [], []
+        for i, (seq, start) in enumerate(zip(seqs, starts)):
+            table = seq.block_table
+            for p in range(start, start + q):
+                positions.append(p)
+                slot_mapping.append(table[p // bs] * bs + p % bs)
+            self.slots[i] = seq.state_slot if seq.state_slot is not None else 0
+            seq_id, written = self.table_of_row[i]
+            if seq_id != seq.seq_id:
+                written = 0
+            if written < len(table):
+                self.tables[i][written:len(table)] = table[written:]
+                self.table_of_row[i] = (seq.seq_id, len(table))
+        rows = n * q
+        self.ids[:rows] = tokens
+        self.positions[:rows] = positions
+        self.slot_mapping[:rows] = slot_mapping
+
+
+@dataclass
+class CapturedOutput:
+    """One sequence's share of a captured main-model step (views of the plan's buffers, valid until the next
+    replay of the same plan)."""
+    hidden: torch.Tensor                 # (q, hidden) after norm_f
+    logits: torch.Tensor                 # (q, vocab)
+    argmax: list[int]                    # (q,)
+    intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]]   # Mamba states after each row, for roll-back
+
+
+class CapturedSteps:
+    """The captured uniform steps of one engine (CPU native plans)."""
+
+    def __init__(self, model: torch.nn.Module, runner, max_seqs: int, num_speculative_tokens: int,
+                 max_model_len: int):
+        k = num_speculative_tokens
+        caches = PlanCaches(runner.kv_caches, runner.mamba_caches, runner.kv_scales)
+        max_blocks = blocks_for(max_model_len + 2 * k + 1, runner.block_size)
+        self.block_size = runner.block_size
+        self.k = k
+        self.max_seqs = max_seqs
+        backbone = model.backbone
+        self.plans: dict[str, StackPlan] = {
+            "decode": StackPlan(model, backbone.layers, backbone.norm_f, caches, max_seqs, 1, max_blocks)}
+        if k:
+            self.plans["verify"] = StackPlan(model, backbone.layers, backbone.norm_f, caches, max_seqs, 1 + k,
+                                             max_blocks, save_states=True)
+            mtp = model.mtp
+            final = mtp.layers[-1].final_layernorm
+            self.plans["mtp_first"] = StackPlan(model, mtp.layers, final, caches, max_seqs, 1 + k, max_blocks,
+                                                mtp=mtp, select_rows=True)
+            self.plans["mtp_next"] = StackPlan(model, mtp.layers, final, caches, max_seqs, 1, max_blocks,
+                                               mtp=mtp)
+        self.inputs = {name: _PlanInputs(plan, self.block_size) for name, plan in self.plans.items()}
+        calls = ", ".join(f"{name} {plan.count}" for name, plan in self.plans.items())
+        logger.info("nemoh captured steps: native CPU plans for up to %d sequences (kernel calls per replay: %s)",
+                    max_seqs, calls)
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, runner, args, max_model_len: int) -> "CapturedSteps | None":
+        """The captured steps for this engine, or None (with one logged line) when it runs eagerly."""
+        if args.enforce_eager:
+            logger.info("nemoh captured steps: off (enforce_eager); every step runs the eager PyTorch forward")
+            return None
+        if model.device.type != "cpu":
+            logger.info("nemoh captured steps: none for device %s yet; eager PyTorch forward", model.device)
+            return None
+        if cpu_library.library() is None:
+            return None      # library() has said why
+        reason = plan_supports(model)
+        if reason is not None:
+            logger.warning("nemoh captured steps: off, the native plan cannot run this model (%s); eager forward",
+                           reason)
+            return None
+        k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+        try:
+            return cls(model, runner, min(args.max_num_seqs, runner.num_state_slots), k, max_model_len)
+        except (TypeError, ValueError, RuntimeError) as e:
+            logger.warning("nemoh captured steps: off, building the native plans failed (%s); eager forward", e)
+            return None
+
+    # ---- the main model -------------------------------------------------------------------------------------
+    def takes(self, s: ScheduledSeq) -> int:
+        """q when this scheduled sequence can join a captured main-model step (0 when not)."""
+        seq = s.seq
+        if seq.num_computed_tokens == 0 or seq.state_slot is None or not s.samples:
+            return 0
+        q = s.num_new_tokens
+        if q == 1 and not s.num_draft_tokens:
+            return 1
+        if self.k and q == 1 + self.k and s.num_draft_tokens == self.k:
+            return q
+        return 0
+
+    def run_main(self, group: list[ScheduledSeq], q: int) -> list[CapturedOutput]:
+        """One captured step of the main model over `group` (each sequence feeding q tokens)."""
+        name = "decode" if q == 1 else "verify"
+        plan, inputs = self.plans[name], self.inputs[name]
+        out: list[CapturedOutput] = []
+        for start in range(0, len(group), self.max_seqs):
+            part = group[start:start + self.max_seqs]
+            seqs = [s.seq for s in part]
+            tokens = []
+            for seq in seqs:
+                tokens.append(seq.token_ids[-1])
+                tokens.extend(seq.draft_token_ids[:q - 1])
+            inputs.fill(seqs, [seq.num_computed_tokens for seq in seqs], tokens)
+            plan.run(len(seqs))
+            argmax = plan.argmax[:len(seqs) * q].tolist()
+            for i in range(len(seqs)):
+                rows = slice(i * q, (i + 1) * q)
+                saved = {layer: (conv[i], ssm[i]) for layer, (conv, ssm) in plan.saved.items()}
+                out.append(CapturedOutput(plan.out[rows], plan.logits[rows], argmax[rows], saved))
+        return out
+
+    # ---- MTP drafting ----------------------------------------------------------------------------------------
+    def takes_drafts(self, num_positions: list[int], starts: list[int]) -> bool:
+        """Whether the MTP drafts of these requests (num_positions newly computed each) can be captured."""
+        return bool(self.k) and len(num_positions) <= self.max_seqs and all(
+            1 <= m <= 1 + self.k for m in num_positions) and all(s > 0 for s in starts)
+
+    def draft(self, seqs: list[Sequence], starts: list[int], hiddens: list[torch.Tensor]) -> list[list[int]]:
+        """k MTP drafts per sequence. Sequence i's main model newly computed hiddens[i] (m rows) at positions
+        starts[i] .. starts[i] + m - 1; the MTP runs over 1 + k rows per sequence from starts[i] (the rows past
+        m are padding, whose cache entries later steps overwrite before anything reads them), and the row of
+        position starts[i] + m - 1 gives the first draft."""
+        first, first_in = self.plans["mtp_first"], self.inputs["mtp_first"]
+        nxt, nxt_in = self.plans["mtp_next"], self.inputs["mtp_next"]
+        q = first.q
+        n = len(seqs)
+        tokens = []
+        for seq, start, h in zip(seqs, starts, hiddens):
+            m = h.shape[0]
+            tokens.extend(seq.token_ids[start + 1:start + 1 + m])
+            tokens.extend([0] * (q - m))
+        for i, h in enumerate(hiddens):
+            first.hidden_in[i * q:i * q + h.shape[0]] = h
+            first_in.select[i] = i * q + h.shape[0] - 1
+        first_in.fill(seqs, starts, tokens)
+        first.run(n)
+        drafts = [[d] for d in first.argmax[:n].tolist()]
+        positions = [start + h.shape[0] for start, h in zip(starts, hiddens)]
+        hidden = first.selected
+        for _ in range(1, self.k):
+            nxt.hidden_in[:n] = hidden[:n]
+            nxt_in.fill(seqs, positions, [d[-1] for d in drafts])
+            nxt.run(n)
+            for d, t in zip(drafts, nxt.argmax[:n].tolist()):
+                d.append(t)
+            positions = [p + 1 for p in positions]
+            hidden = nxt.out
+        return drafts
