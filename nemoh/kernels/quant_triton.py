@@ -30,10 +30,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from nemoh.kernels.packed_weights import FORMAT_BF16, FORMAT_FP8, FORMAT_NVFP4
+from nemoh.kernels.packed_weights import FORMAT_BF16, FORMAT_NVFP4
 
 _BF16 = tl.constexpr(FORMAT_BF16)
-_FP8 = tl.constexpr(FORMAT_FP8)
 _NVFP4 = tl.constexpr(FORMAT_NVFP4)
 
 
