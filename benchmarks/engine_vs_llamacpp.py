@@ -89,7 +89,8 @@ def nemoh_checkpoint(work: Path, model: str, fmt: str) -> Path:
         cmd = [sys.executable, "-m", "nemoh.cli", "quantize", str(base), str(out), "--format", fmt]
         if fmt == "fp8":
             calib = work / "calib.txt"
-            calib.write_text("\n".join(f"ticket {i}: my laptop does not connect to the VPN, error {i}" for i in range(16)))
+            calib.write_text("\n".join(f"ticket {i}: my laptop does not connect to the VPN, error {i}"
+                                       for i in range(16)))
             cmd += ["--calib", str(calib)]
         subprocess.run(cmd, check=True)
     return out
@@ -201,8 +202,8 @@ def run_llama(llama: Path, model: Path, what: str, streams: int, threads: int) -
         out = subprocess.run([str(bins / "llama-bench"), "-m", str(model), "-t", str(threads), "-r", "1", "-o", "json",
                               *args], check=True, capture_output=True, text=True)
         return {"tok_s": json.loads(out.stdout)[0]["avg_ts"]}
-    out = subprocess.run([str(bins / "llama-batched-bench"), "-m", str(model), "-c", "16384", "-b", "2048", "-ub", "512",
-                          "-npp", "128", "-ntg", "128", "-npl", str(streams), "-t", str(threads)],
+    out = subprocess.run([str(bins / "llama-batched-bench"), "-m", str(model), "-c", "16384", "-b", "2048",
+                          "-ub", "512", "-npp", "128", "-ntg", "128", "-npl", str(streams), "-t", str(threads)],
                          check=True, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -11,8 +11,9 @@ read from, and how (REFERENCE.md §4):
 `kernel_weight(module)` describes an `NVFP4Linear`, `FP8Linear` or bfloat16 `Linear` without copying anything.
 `stack_experts(moe)` describes a `LatentMoE`'s experts as (E, ...) tensors. nemoh keeps each expert as its own
 module (the checkpoint's layout); the kernels want one tensor per buffer kind so that an expert is an offset.
-Like `SharedWeight` (nemoh/models/fused.py), the stacking is done once and every expert's buffers are re-pointed
-at their slice of the stacked tensor, so the model still holds one copy of its experts: memory after the call is
+The stacked tensors are the MoE's own (`LatentMoE.stacked_expert_tensor`, shared with its graph-safe step): like
+`SharedWeight` (nemoh/models/fused.py), the stacking is done once and every expert's buffers are re-pointed at their
+slice of the stacked tensor, so the model still holds one copy of its experts: memory after the call is
 what it was before (plus a few bytes of views); during the call, one buffer kind of one layer exists twice (Super:
 the up projection's codes, 512 x 2688 x 512 bytes = 0.7 GB, for an instant). BF16 experts use the model's own
 stacked weights (`LatentMoE._stacked_weights`, the tensors its grouped product reads), so the two paths share them
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nemoh.models.fused import SharedWeight
 from nemoh.quant.fp8 import FP8_DTYPE
 from nemoh.quant.linear import FP8Linear, NVFP4Linear
 from nemoh.quant.nvfp4 import NVFP4_GROUP_SIZE
@@ -134,24 +134,23 @@ class ExpertWeights:
         return int(torch.unique(topk_ids).numel()) * self.expert_nbytes()
 
 
-def _stack(modules: list[nn.Module], name: str) -> torch.Tensor:
-    """(E, ...) from each module's buffer `name`, the buffers re-pointed at their slices (see SharedWeight)."""
-    return SharedWeight(stack=True).get([getattr(m, name) for m in modules])
-
-
-def _stacked_projection(modules: list[nn.Module], stacked_bf16: torch.Tensor | None) -> KernelWeight:
+def _stacked_projection(moe: nn.Module, which: str, modules: list[nn.Module],
+                        stacked_bf16: torch.Tensor | None) -> KernelWeight:
     kind = type(modules[0])
     if any(type(m) is not kind for m in modules):
         raise ValueError(f"stack_experts: the experts' projections mix {sorted({type(m).__name__ for m in modules})}")
     first = kernel_weight(modules[0])           # checks the module kind and its dtypes
     n, k = first.out_features, first.in_features
+
+    def stack(name: str) -> torch.Tensor:
+        # the MoE's own stacked tensors, which its graph-safe step reads too: one copy, stacked once
+        return moe.stacked_expert_tensor(which, name)
+
     if first.format == FORMAT_NVFP4:
-        return KernelWeight(FORMAT_NVFP4, _stack(modules, "weight"), _stack(modules, "weight_scale"),
-                            _stack(modules, "weight_scale_2"), n, k)
+        return KernelWeight(FORMAT_NVFP4, stack("weight"), stack("weight_scale"), stack("weight_scale_2"), n, k)
     if first.format == FORMAT_FP8:
-        return KernelWeight(FORMAT_FP8, _stack(modules, "weight"), None, _stack(modules, "weight_scale"), n, k)
-    return KernelWeight(FORMAT_BF16, _stack(modules, "weight") if stacked_bf16 is None else stacked_bf16, None, None,
-                        n, k)
+        return KernelWeight(FORMAT_FP8, stack("weight"), None, stack("weight_scale"), n, k)
+    return KernelWeight(FORMAT_BF16, stack("weight") if stacked_bf16 is None else stacked_bf16, None, None, n, k)
 
 
 def stack_experts(moe: nn.Module) -> ExpertWeights:
@@ -166,4 +165,5 @@ def stack_experts(moe: nn.Module) -> ExpertWeights:
     downs = [e.down_proj for e in moe.experts]
     plain = not any(isinstance(p, (NVFP4Linear, FP8Linear)) for p in ups + downs)
     up_bf16, down_bf16 = moe._stacked_weights() if plain else (None, None)
-    return ExpertWeights(_stacked_projection(ups, up_bf16), _stacked_projection(downs, down_bf16))
+    return ExpertWeights(_stacked_projection(moe, "up", ups, up_bf16),
+                         _stacked_projection(moe, "down", downs, down_bf16))

@@ -217,8 +217,16 @@ class LatentMoE(nn.Module):
             if ids is not None:
                 up, down = up.index_select(0, ids), down.index_select(0, ids)
             return up.to(dtype), down.to(dtype)
-        return tuple(_dequantized_stack(self._quant_stacks, which, modules, dtype, ids)
-                     for which, modules in (("up", ups), ("down", downs)))
+        return tuple(_dequantized(modules[0].scheme, lambda name: self.stacked_expert_tensor(which, name), dtype,
+                                  ids) for which, modules in (("up", ups), ("down", downs)))
+
+    def stacked_expert_tensor(self, which: str, name: str) -> torch.Tensor:
+        """(E, ...): tensor `name` ("weight", "weight_scale", ...) of every expert's `which` ("up" / "down")
+        projection in one tensor, of which the experts' own tensors are views from then on (made once; see
+        SharedWeight). Quantized experts are read this way by the graph-safe step and the GPU kernels."""
+        modules = self._projections()[0 if which == "up" else 1]
+        shared = self._quant_stacks.setdefault((which, name), SharedWeight(stack=True))
+        return shared.get([getattr(m, name) for m in modules])
 
     def _one_token_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """A decode step's single token: its k experts one after another, with no sorting or scatter. The
@@ -234,18 +242,16 @@ class LatentMoE(nn.Module):
         return (torch.cat(outs).float() * weights[0, :, None]).sum(0, keepdim=True).to(u.dtype)
 
 
-def _dequantized_stack(stacks: dict, which: str, modules: tuple[nn.Module, ...], dtype: torch.dtype,
-                       ids: torch.Tensor | None) -> torch.Tensor:
-    """The experts `ids` (all when None) of one projection of quantized experts, dequantised: their packed
-    tensors live stacked (E, ...) in one tensor per name, gathered by id, then decoded as nemoh.quant does."""
-    def stacked(name: str) -> torch.Tensor:
-        shared = stacks.setdefault((which, name), SharedWeight(stack=True))
-        whole = shared.get([getattr(m, name) for m in modules])
+def _dequantized(scheme: str, stacked, dtype: torch.dtype, ids: torch.Tensor | None) -> torch.Tensor:
+    """Experts `ids` (all when None) of one projection of quantized experts, dequantised as nemoh.quant does:
+    stacked(name) is the (E, ...) tensor of that name, gathered by expert id first."""
+    def pick(name: str) -> torch.Tensor:
+        whole = stacked(name)
         return whole if ids is None else whole.index_select(0, ids)
 
-    if modules[0].scheme == "nvfp4":
-        return dequantize_nvfp4(stacked("weight"), stacked("weight_scale"), stacked("weight_scale_2"), dtype)
-    return dequantize_fp8(stacked("weight"), stacked("weight_scale"), dtype)
+    if scheme == "nvfp4":
+        return dequantize_nvfp4(pick("weight"), pick("weight_scale"), pick("weight_scale_2"), dtype)
+    return dequantize_fp8(pick("weight"), pick("weight_scale"), dtype)
 
 
 def padded_tokens(dtype: torch.dtype) -> range:

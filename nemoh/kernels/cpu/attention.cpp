@@ -13,7 +13,8 @@ static inline void axpy(float* acc, float p, const float* v, int64_t D) {
     int64_t d = 0;
 #if NEMOH_AVX2
     const __m256 vp = _mm256_set1_ps(p);
-    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
+    for (; d + 8 <= D; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
 #endif
     for (; d < D; ++d) acc[d] += p * v[d];
 }

@@ -244,7 +244,8 @@ static void gemm_range(const R& w, const float* x, int64_t xs, int64_t M, int64_
             }
         }
         for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < np; ++j) y[m * ys + n0 + j] = ep.apply(part[m * np + j], n0 + j, y[m * ys + n0 + j]);
+            for (int64_t j = 0; j < np; ++j)
+                y[m * ys + n0 + j] = ep.apply(part[m * np + j], n0 + j, y[m * ys + n0 + j]);
     }
 }
 

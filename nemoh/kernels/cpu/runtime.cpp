@@ -118,7 +118,8 @@ uint16_t f32_to_f16_bits(float f) {
     float a = std::fabs(f);
     if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7e00u);
     if (a >= 65520.f) return static_cast<uint16_t>(sign | 0x7c00u);
-    if (a < 6.103515625e-05f) return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.f)));
+    if (a < 6.103515625e-05f)
+        return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.f)));
     int e;
     float m = std::frexp(a, &e);                              // a = m * 2^e, m in [0.5, 1)
     uint32_t mant = static_cast<uint32_t>(std::nearbyint((m * 2.f - 1.f) * 1024.f));
