@@ -114,26 +114,43 @@ class CapturedSteps:
                     max_seqs, calls)
 
     @classmethod
-    def create(cls, model: torch.nn.Module, runner, args, max_model_len: int) -> "CapturedSteps | None":
-        """The captured steps for this engine, or None (with one logged line) when it runs eagerly."""
+    def create(cls, model: torch.nn.Module, runner, args, max_model_len: int):
+        """The captured steps for this engine (native plans, or `graph_step.GraphSteps`), or None (with one
+        logged line) when every step runs eagerly."""
         if args.enforce_eager:
             logger.info("nemoh captured steps: off (enforce_eager); every step runs the eager PyTorch forward")
             return None
-        if model.device.type != "cpu":
-            logger.info("nemoh captured steps: none for device %s yet; eager PyTorch forward", model.device)
-            return None
-        if cpu_library.library() is None:
-            return None      # library() has said why
-        reason = plan_supports(model)
-        if reason is not None:
-            logger.warning("nemoh captured steps: off, the native plan cannot run this model (%s); eager forward",
-                           reason)
-            return None
         k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+        max_seqs = min(args.max_num_seqs, runner.num_state_slots)
+        mode = args.captured_step
+        if mode == "auto":
+            mode = "cuda_graph" if model.device.type == "cuda" else "native"
+        if mode == "native":
+            if model.device.type != "cpu":
+                logger.warning("nemoh captured steps: the native plans run on a CPU, the model is on %s; eager",
+                               model.device)
+                return None
+            if cpu_library.library() is None:
+                return None      # library() has said why
+            reason = plan_supports(model)
+            if reason is not None:
+                logger.warning("nemoh captured steps: off, the native plan cannot run this model (%s); eager",
+                               reason)
+                return None
+            builder = lambda: cls(model, runner, max_seqs, k, max_model_len)         # noqa: E731
+        else:
+            from nemoh.engine.graph_step import GraphSteps
+
+            graph_mode = {"cuda_graph": "cuda", "inductor": "inductor", "graph_eager": "eager"}[mode]
+            if graph_mode == "cuda" and model.device.type != "cuda":
+                logger.warning("nemoh captured steps: CUDA graphs need a CUDA device; eager forward")
+                return None
+            builder = lambda: GraphSteps(model, runner, max_seqs, k, max_model_len, graph_mode)  # noqa: E731
         try:
-            return cls(model, runner, min(args.max_num_seqs, runner.num_state_slots), k, max_model_len)
-        except (TypeError, ValueError, RuntimeError) as e:
-            logger.warning("nemoh captured steps: off, building the native plans failed (%s); eager forward", e)
+            return builder()
+        except Exception as e:  # noqa: BLE001 - a step that cannot be captured runs eagerly, never crashes
+            logger.warning("nemoh captured steps: off, capturing the %s step failed (%s: %s); eager forward",
+                           mode, type(e).__name__, e)
             return None
 
     # ---- the main model -------------------------------------------------------------------------------------

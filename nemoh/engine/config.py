@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 KV_CACHE_DTYPES = ("auto", "fp8", "float32", "float16", "bfloat16")
+# How uniform decode / verification steps are captured (nemoh.engine.captured_step): auto = native plans on a
+# CPU, CUDA graphs on a GPU; inductor = torch.compile of the graph-safe step; graph_eager = that step uncompiled.
+CAPTURED_STEPS = ("auto", "native", "cuda_graph", "inductor", "graph_eager")
 SSM_CACHE_DTYPES = ("float32", "float16", "bfloat16")
 SPEC_METHODS = ("mtp",)
 
@@ -60,6 +63,7 @@ class EngineArgs:
                                                    # 131072+ elements (faster; one more copy of each in memory)
     enforce_eager: bool = False                    # True: every step runs the eager PyTorch forward (no captured
                                                    # steps; nemoh.engine.captured_step)
+    captured_step: str = "auto"                    # one of CAPTURED_STEPS
     num_kv_blocks: int | None = None               # explicit cache sizes (tests); override the memory budget
     num_state_slots: int | None = None
     # speculative decoding
@@ -82,6 +86,8 @@ class EngineArgs:
             positive_int(name)
         for name in ("max_model_len", "num_kv_blocks", "num_state_slots"):
             positive_int(name, allow_none=True)
+        if self.captured_step not in CAPTURED_STEPS:
+            bad("captured_step", f"must be one of {CAPTURED_STEPS}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad("kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
         if self.mamba_ssm_cache_dtype is not None and self.mamba_ssm_cache_dtype not in SSM_CACHE_DTYPES:

@@ -66,10 +66,13 @@ class ModelRunner:
         # the packed copies are made on first use, after the caches take their share of the free memory
         self.packed_bytes = packed_bytes_estimate(model) if self.device.type == "cpu" else 0
         self.num_kv_blocks, self.num_state_slots = self._size_caches(max_model_len, k)
-        self.kv_caches = allocate_kv_caches(self.kv_layer_ids, self.num_kv_blocks, self.block_size,
+        # one more KV block and state slot than the managers hand out: the padding rows of a captured step's
+        # batch bucket read and write them (nemoh.engine.graph_step)
+        self.pad_block, self.pad_slot = self.num_kv_blocks, self.num_state_slots
+        self.kv_caches = allocate_kv_caches(self.kv_layer_ids, self.num_kv_blocks + 1, self.block_size,
                                             cfg.num_key_value_heads, cfg.head_dim, self.kv_dtype, self.device)
         self.mamba_caches = allocate_mamba_caches(
-            self.mamba_layer_ids, self.num_state_slots, cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads,
+            self.mamba_layer_ids, self.num_state_slots + 1, cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads,
             cfg.mamba_head_dim, cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype, self.device)
         self.kv_scales: dict[int, tuple[float, float]] = {}
         if args.kv_cache_dtype == "fp8":

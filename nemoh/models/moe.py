@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemoh.config import NemotronHConfig
+from nemoh.kernels.triton_support import HAVE_TRITON
 from nemoh.models.fused import SharedWeight
 from nemoh.models.linear import Linear
 from nemoh.models.mlp import MLP, relu2
@@ -84,6 +85,7 @@ class LatentMoE(nn.Module):
         self._up, self._down = SharedWeight(stack=True), SharedWeight(stack=True)
         self._cached_projections: tuple | None = None
         self._quant_stacks: dict[tuple[str, str], SharedWeight] = {}
+        self._kernel_experts = None             # the experts as the GPU kernels read them (made on first use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
@@ -96,6 +98,9 @@ class LatentMoE(nn.Module):
 
     def _run_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(num_tokens, width): each token's weighted sum over its experts' outputs."""
+        fused = self._gpu_experts(u, weights, ids)
+        if fused is not None:
+            return fused
         if ids.shape[0] == 1 and not torch.is_grad_enabled():
             return self._one_token_experts(u, weights, ids)
         return self._sorted_experts(u, weights, ids)
@@ -196,7 +201,11 @@ class LatentMoE(nn.Module):
     def _gathered_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each row's k experts from weights gathered by expert id (n * k <= experts: a decode batch reads only
         the chosen experts) or every expert on every row (larger batches), each then summed with its routing
-        weight; shapes depend only on (n, k). Quantized experts are dequantised after the gather."""
+        weight; shapes depend only on (n, k). Quantized experts are dequantised after the gather. On a GPU the
+        fused Triton kernels (sync-free as well) take their place."""
+        fused = self._gpu_experts(u, weights, ids)
+        if fused is not None:
+            return fused
         n, k = ids.shape
         up, down = self._expert_weights(u.dtype, ids.reshape(-1) if n * k <= self.num_experts else None)
         if n * k <= self.num_experts:
@@ -207,6 +216,18 @@ class LatentMoE(nn.Module):
             out = torch.einsum("eri,eli->erl", hidden, down)                                 # (E, n, L)
             out = out[ids, torch.arange(n, device=u.device)[:, None]]                        # (n, k, L)
         return (out.float() * weights[..., None]).sum(1).to(u.dtype)
+
+    def _gpu_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The routed experts by the fused Triton kernels (nemoh/kernels/moe_triton.py) for bfloat16 activations
+        on a GPU at inference, else None."""
+        if not (u.is_cuda and HAVE_TRITON and u.dtype == torch.bfloat16) or torch.is_grad_enabled():
+            return None
+        from nemoh.kernels.moe_triton import fused_experts
+        from nemoh.kernels.packed_weights import stack_experts
+
+        if self._kernel_experts is None:
+            self._kernel_experts = stack_experts(self)
+        return fused_experts(u.contiguous(), weights, ids, self._kernel_experts)
 
     def _expert_weights(self, dtype: torch.dtype, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Up (m, I, L) and down (m, L, I) weights in `dtype` of experts `ids` (every expert when None), read

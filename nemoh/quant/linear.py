@@ -76,8 +76,21 @@ class _QuantLinearBase(nn.Module):
             current.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) -> (..., out_features), weight dequantised to x.dtype."""
+        """x: (..., in_features) -> (..., out_features), from the packed weight as stored: on a GPU a Triton
+        product, on a CPU the native product (a few rows) or cache-sized tiles dequantised into the product (a
+        prefill's many rows); the whole weight dequantised to x.dtype where neither is available, under autograd
+        and in a graph torch.compile traces (the reference)."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            from nemoh.kernels.quant_dispatch import packed_product
+
+            out = packed_product(self, x)
+            if out is not None:
+                return out
         return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start .. stop - 1 of the dequantised weight (out_features rows), in `dtype`."""
+        raise NotImplementedError
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -129,6 +142,9 @@ class NVFP4Linear(_QuantLinearBase):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2, dtype)
 
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nvfp4(self.weight[start:stop], self.weight_scale[start:stop], self.weight_scale_2, dtype)
+
 
 class FP8Linear(_QuantLinearBase):
     """Linear with a per-tensor FP8 E4M3 weight (1 byte per weight resident)."""
@@ -163,6 +179,9 @@ class FP8Linear(_QuantLinearBase):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale, dtype)
+
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(self.weight[start:stop], self.weight_scale, dtype)
 
 
 QUANT_LINEAR_CLASSES: dict[str, type[_QuantLinearBase]] = {"nvfp4": NVFP4Linear, "fp8": FP8Linear}

@@ -117,3 +117,23 @@ def test_threads_follow_torch():
             assert LIB.threads == n
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("rows", [1, 7, 64, 65, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_module_forward_reads_the_packed_weight(fmt, rows, dtype):
+    """The module's inference forward (native product up to NATIVE_MAX_ROWS rows, tiles beyond) equals the
+    whole-weight dequantisation it replaces."""
+    from nemoh.kernels.quant_dispatch import TILE_ELEMENTS
+
+    gen = torch.Generator().manual_seed(rows)
+    n = 3 * max(16, TILE_ELEMENTS // 96) + 5               # several tiles and a short last one
+    module, ref_w, _ = make_linear(fmt, n, 96, gen)
+    x = torch.randn(2, rows, 96, generator=gen).to(dtype)
+    with torch.inference_mode():
+        got = module(x)
+    want = torch.nn.functional.linear(x, ref_w.to(dtype))
+    assert got.shape == (2, rows, n) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max())), rows
