@@ -42,6 +42,9 @@ class EngineArgs:
     """Everything `LLM(...)` / `AsyncLLMEngine(...)` / `nemoh serve` accept about the engine."""
     dtype: str = "auto"
     device: str = "cpu"
+    tokenizer: str | None = None                   # directory with tokenizer.json (and the chat template);
+                                                   # None: the model directory
+    enforce_eager: bool = False                    # True: the plain PyTorch step, never a compiled fast path
     seed: int = 0                                  # seeds the generator of requests without their own seed
     # scheduling
     max_num_seqs: int = 64
@@ -86,8 +89,9 @@ class EngineArgs:
             bad("mamba_ssm_cache_dtype", f"must be one of {SSM_CACHE_DTYPES}")
         if self.cache_memory_gb is not None and not self.cache_memory_gb > 0:
             bad("cache_memory_gb", "must be > 0")
-        if not isinstance(self.cpu_packed_weights, bool):
-            bad("cpu_packed_weights", "must be True or False")
+        for name in ("cpu_packed_weights", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         for name in ("gpu_memory_utilization", "cpu_memory_utilization"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 bad(name, "must be in (0, 1]")
