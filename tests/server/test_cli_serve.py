@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from nemoh import cli
+from nemoh.cli import common
 from nemoh.chat import ChatTemplate
 from nemoh.server.app import build_app
 from nemoh.server.runner import ServerThread, make_server
@@ -26,12 +27,12 @@ def test_unknown_flags_are_errors(capsys):
     assert cli.main(["serve", "--no-such-flag"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--prompt", "hi", "--bogus", "1"]) == 2
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["frobnicate"])
+    assert cli.main(["frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
 def test_serve_without_model_explains(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "DEMO_MODEL_DIR", tmp_path)
+    monkeypatch.setattr(common, "DEMO_MODEL_DIR", tmp_path)
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "no MODEL given" in err and "nemoh serve /path/to/" in err
@@ -78,7 +79,7 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
     sock.close()
     drain = 3.0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nemoh.cli", "serve", str(tiny_checkpoint), "--port", str(port), "--api-key", "k",
+        [sys.executable, "-m", "nemoh", "serve", str(tiny_checkpoint), "--port", str(port), "--api-key", "k",
          "--max-model-len", "4096", "--cache-memory-gb", "0.05", "--device", "cpu", "--drain-timeout", str(drain),
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -126,13 +127,3 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def test_demo_defaults_mtp_on_and_the_checkpoint_dtype():
-    from nemoh.cli import DEMO_SPECULATIVE_CONFIG, apply_demo_defaults
-
-    cpu = apply_demo_defaults({"dtype": "auto", "device": "cpu"})
-    assert cpu["dtype"] == "auto" and cpu["speculative_config"] == DEMO_SPECULATIVE_CONFIG
-    assert apply_demo_defaults({"dtype": "float32", "device": "cpu"})["dtype"] == "float32"     # --dtype wins
-    no_mtp = apply_demo_defaults({"dtype": "auto", "device": "cpu", "speculative_config": None})
-    assert no_mtp["speculative_config"] is None                                                # flag wins
