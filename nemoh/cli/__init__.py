@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 
-import nemoh
-from nemoh.cli import chat, quantize, serve
-from nemoh.cli.common import CLIError, CLIParser, UsageError
+# torch warns when it is imported without numpy; nemoh does not use numpy (it is no dependency), so a new user's
+# first command must not open with "Failed to initialize NumPy". Set before any command imports torch.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
+import nemoh  # noqa: E402  (after the filter)
+from nemoh.cli import chat, quantize, serve  # noqa: E402
+from nemoh.cli.common import CLIError, CLIParser, UsageError  # noqa: E402
 
 PASS_THROUGH = ("train", "bench")
 COMMANDS = ("serve", "generate", "chat", "quantize", *PASS_THROUGH)

@@ -38,3 +38,16 @@ def test_vllm_underscore_flag_names():
         "serve", "m", "--max-model-len", "8", "--speculative-config={\"a_b\": 1}", "x_y", "-q"]
     args = cli.build_parser().parse_args(cli.dashed(["serve", "--max_num_seqs", "3", "--trust_remote_code"]))
     assert args.max_num_seqs == 3 and args.trust_remote_code
+
+
+def test_a_venv_without_numpy_generates_quietly(tiny_checkpoint):
+    """numpy is no dependency: the CLI loads and generates without it, and torch's import-time warning about it
+    does not greet a new user."""
+    script = ("import sys; sys.modules['numpy'] = None\n"      # as in a fresh venv: torch finds no numpy
+              "from nemoh.cli import main\n"
+              f"sys.exit(main(['generate', {str(tiny_checkpoint)!r}, '--prompt', 'Hi', '--max-tokens', '3', "
+              "'--cache-memory-gb', '0.05', '--device', 'cpu']))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "NumPy" not in out.stderr and "Traceback" not in out.stderr, out.stderr
