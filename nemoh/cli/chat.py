@@ -87,13 +87,13 @@ def run_generate(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args, ckpt)
     template = load_chat_template(Path(args.tokenizer or ckpt.path), None) if args.chat else None
     engine = _sync_engine(ckpt, kwargs)
-    if template is not None:
-        prompt = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                 enable_thinking=not args.no_thinking)
-        ids = engine.encode(prompt, add_special_tokens=False)
-    else:
-        ids = engine.encode(prompt)
-    try:
+    try:  # a tokenizer-less checkpoint, a prompt longer than the context, a template error
+        if template is not None:
+            prompt = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                     enable_thinking=not args.no_thinking)
+            ids = engine.encode(prompt, add_special_tokens=False)
+        else:
+            ids = engine.encode(prompt)
         engine.add_request("generate-0", prompt_token_ids=ids, params=params)
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -270,7 +270,7 @@ class ChatSession:
         while True:
             try:
                 parsed = self.reply()
-            except ValueError as e:  # a prompt the engine cannot take (longer than the context)
+            except ValueError as e:  # a prompt the engine or the template cannot take (longer than the context)
                 self.out.write(f"(error: {e})\n")
                 parsed = None
             if parsed is None:
