@@ -84,7 +84,7 @@ def resolve_model(model: str | None) -> Checkpoint:
     except ValueError as e:
         raise CLIError(str(e)) from None
     if not any(path.glob("*.safetensors")):
-        raise CLIError(f"{model} has no *.safetensors weights (nemoh never loads pickle .bin/.pt files)")
+        raise CLIError(f"{path} has no *.safetensors weights (nemoh never loads pickle .bin/.pt files)")
     return Checkpoint(path, config)
 
 
