@@ -204,6 +204,7 @@ def engine_kwargs(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, Any]:
         "cpu_packed_weights": args.cpu_packed_weights,
         "tokenizer": args.tokenizer,
         "seed": args.seed,
+        "max_waiting_requests": getattr(args, "max_waiting_requests", None),   # nemoh serve's queue
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     from nemoh.engine.config import EngineArgs

@@ -237,8 +237,6 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = server_settings(args, ckpt, model)
     kwargs = engine_kwargs(args, ckpt)
     template = load_chat_template(Path(args.tokenizer or ckpt.path), args.chat_template)
-    if args.max_waiting_requests is not None:
-        kwargs["max_waiting_requests"] = args.max_waiting_requests
     check_quantization(args.quantization, ckpt)
     check_ssl(args)
     sock = listen_socket(args.host, args.port)

@@ -112,6 +112,7 @@ def test_quantize_errors(capsys, tiny_checkpoint, tmp_path):
     (["--ssl-keyfile", "key.pem", "--ssl-certfile", "cert.pem"], ["--ssl-certfile/--ssl-keyfile", "cert.pem"]),
     (["--speculative-config", "{not json"], ["--speculative-config is not valid JSON"]),
     (["--max-num-seqs", "0"], ["--max-num-seqs", "positive integer"]),
+    (["--max-waiting-requests", "0"], ["--max-waiting-requests", "positive integer"]),
     (["--dtype", "int8"], ["--dtype int8"]),
     (["--tool-call-parser", "none", "--enable-auto-tool-choice"], ["--enable-auto-tool-choice needs"]),
     (["--reasoning-parser", "deepseek_r1"], ["--reasoning-parser deepseek_r1", "unknown parser"]),
