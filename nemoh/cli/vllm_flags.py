@@ -62,7 +62,8 @@ def _dest(flag: str) -> str:
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("vLLM flags without an effect in nemoh (accepted so that vLLM command lines run)")
+    g = p.add_argument_group("vLLM flags that change nothing in nemoh, take one value, or are refused "
+                             "(accepted so that vLLM command lines run)")
     for flag, (kind, why) in NO_EFFECT.items():
         if kind == SWITCH:
             g.add_argument(flag, action="store_true", default=None, help=f"no effect: {why}")
