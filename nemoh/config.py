@@ -224,11 +224,17 @@ class NemotronHConfig:
         for old, new in LEGACY_ALIASES.items():
             if old in d:
                 d[new] = d.pop(old)  # the legacy name wins, as in transformers
+        # The model type first: another model's config (a Llama's) is "not a NemotronH checkpoint", not a
+        # NemotronH config that lacks a key.
+        if "model_type" not in d:
+            raise ValueError("config key 'model_type': missing (required; expected 'nemotron_h')")
+        if d["model_type"] not in SUPPORTED_MODEL_TYPES:
+            arch = f", architectures {d['architectures']}" if d.get("architectures") else ""
+            raise ValueError(f"not a NemotronH checkpoint (model_type {d['model_type']!r}{arch}); nemoh runs "
+                             f"model_type {' or '.join(sorted(SUPPORTED_MODEL_TYPES))} only")
         for key in REQUIRED_KEYS:
             if key not in d:
                 raise ValueError(f"config key {key!r}: missing (required)")
-        if "model_type" not in d:
-            raise ValueError("config key 'model_type': missing (required; expected 'nemotron_h')")
         if "layers_block_type" in d and d["layers_block_type"] is not None:
             layer_types = parse_layer_types(d.pop("layers_block_type"), "layers_block_type")
             d.pop("hybrid_override_pattern", None)

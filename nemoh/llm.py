@@ -51,7 +51,7 @@ class LLM:
         if self._chat_template is None:
             from nemoh.chat.template import ChatTemplate
 
-            self._chat_template = ChatTemplate.from_model_dir(self.model_dir)
+            self._chat_template = ChatTemplate.from_model_dir(self.engine.args.tokenizer or self.model_dir)
         return self._chat_template
 
     def _run(self, items: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:

@@ -168,8 +168,14 @@ def load_model(
 
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
-    if config.tie_word_embeddings:
+    # transformers' NemotronH never ties (`_tied_weights_keys = {}`): a stored lm_head.weight is the head even
+    # when the config says tie_word_embeddings. The embeddings stand in for it only when the files have none.
+    tie = config.tie_word_embeddings and "lm_head.weight" not in tensors
+    if tie:
         expected.pop("lm_head.weight", None)
+    elif config.tie_word_embeddings:
+        logger.info("%s: tie_word_embeddings is true but the checkpoint stores lm_head.weight; using the stored "
+                    "head, as transformers does", model_dir)
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, file in tensors.items():
         by_file[file].append(name)
@@ -191,8 +197,7 @@ def load_model(
                     k, v = model.kv_scales.get(layer, (1.0, 1.0))
                     value = float(shard.read(name).float().reshape(-1)[0])
                     model.kv_scales[layer] = (value, v) if m.group(2) == "k" else (k, value)
-                elif (name.startswith("mtp.") and model.mtp is None) or (
-                        name == "lm_head.weight" and config.tie_word_embeddings):
+                elif name.startswith("mtp.") and model.mtp is None:
                     pass  # present in the file but not used by this configuration: harmless
                 else:
                     unexpected.append(f"{name} (in {os.path.basename(file)})")
@@ -215,6 +220,7 @@ def load_model(
         if strict:
             raise CheckpointError(msg)
         logger.warning(msg)
-    model.tie_weights()
+    if tie:
+        model.tie_weights()
     model.model_dir = model_dir
     return model.eval()

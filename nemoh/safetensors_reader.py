@@ -7,6 +7,7 @@ tensors: nothing in it can execute code.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -31,6 +32,15 @@ class TensorInfo:
 
     def __init__(self, name: str, dtype: torch.dtype, shape: list[int], start: int, end: int):
         self.name, self.dtype, self.shape, self.start, self.end = name, dtype, shape, start, end
+
+
+def _writable_bytes(t: torch.Tensor) -> memoryview:
+    """The memory of the contiguous CPU tensor `t` as a writable buffer for `readinto`. A tensor has no buffer
+    interface of its own, and `t.numpy()` would make numpy a dependency of loading (torch does not need it)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
 class SafetensorsFile:
@@ -84,8 +94,7 @@ class SafetensorsFile:
         """Fill the contiguous CPU tensor `out` (same dtype and element count) with the tensor's bytes."""
         info = self.tensors[name]
         self.file.seek(self.data_start + info.start)
-        view = out.reshape(-1).view(torch.uint8).numpy()
-        if self.file.readinto(view) != info.end - info.start:
+        if self.file.readinto(_writable_bytes(out)) != info.end - info.start:
             raise SafetensorsFormatError(f"tensor {name!r}: short read (truncated file)")
 
     def read(self, name: str) -> torch.Tensor:

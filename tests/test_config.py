@@ -91,6 +91,16 @@ def test_missing_required_keys(missing):
         NemotronHConfig.from_dict(d)
 
 
+def test_another_models_config_is_named_as_such():
+    """A Llama config has no layer pattern either; what is wrong is the model, and the message says so."""
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+             "num_hidden_layers": 32, "num_attention_heads": 32}
+    with pytest.raises(ValueError, match=r"not a NemotronH checkpoint \(model_type 'llama', "
+                                         r"architectures \['LlamaForCausalLM'\]\)") as e:
+        NemotronHConfig.from_dict(llama)
+    assert "hybrid_override_pattern" not in str(e.value)
+
+
 def test_missing_layer_types():
     with pytest.raises(ValueError, match="hybrid_override_pattern"):
         NemotronHConfig.from_dict(dict(BASE))

@@ -51,16 +51,40 @@ def test_auto_dtype_follows_checkpoint(tmp_path):
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_tied_embeddings(tmp_path):
-    path, hf = make_checkpoint(tmp_path / "tied", with_mtp=False, tie_word_embeddings=True)
-    _rewrite(path / "model.safetensors", lambda t: t.pop("lm_head.weight", None))   # a tied checkpoint has none
-    hf.lm_head.weight = hf.model.embeddings.weight
-    model = nemoh.load_model(path, dtype="float32")
-    assert model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
-    ids = torch.randint(0, 4096, (1, 5))
+@pytest.mark.parametrize("tie, stored_head", [(True, True), (True, False), (False, True)],
+                         ids=["tied-config-stored-head", "tied-config-no-head", "untied"])
+def test_lm_head_matches_transformers(tmp_path, tie, stored_head):
+    """transformers' NemotronH never ties (`_tied_weights_keys = {}`): a stored lm_head.weight is the head even
+    under tie_word_embeddings; only a checkpoint without one uses the embeddings (transformers would start that
+    head from random numbers, so the oracle is given the embeddings as its head)."""
+    path, hf = make_checkpoint(tmp_path / "ckpt", with_mtp=False, tie_word_embeddings=tie)
+    assert not torch.equal(hf.lm_head.weight, hf.model.embeddings.weight)
+    if not stored_head:
+        _rewrite(path / "model.safetensors", lambda t: t.pop("lm_head.weight"))
+        hf.lm_head.weight = hf.model.embeddings.weight
+    model = nemoh.load_model(path, dtype="float32", strict=True)
+    shared = model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
+    assert shared == (not stored_head)
+    ids = torch.randint(0, 4096, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
-    assert (model(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        got = model(ids)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_loading_needs_no_numpy(tiny_checkpoint):
+    """numpy is not a dependency (it arrives with the test extras only): load and generate with it unavailable."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["numpy"] = None     # as in a venv without numpy: torch's .numpy() raises
+        from nemoh import LLM, SamplingParams
+        llm = LLM({str(tiny_checkpoint)!r}, cache_memory_gb=0.05)
+        out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0.0))
+        print(len(out[0].outputs[0].token_ids))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "3"
 
 
 def test_missing_tensor_names_it(ckpt):

@@ -45,6 +45,9 @@ class EngineArgs:
     """Everything `LLM(...)` / `AsyncLLMEngine(...)` / `nemoh serve` accept about the engine."""
     dtype: str = "auto"
     device: str = "cpu"
+    tokenizer: str | None = None                   # directory with tokenizer.json (and the chat template);
+                                                   # None: the model directory
+    enforce_eager: bool = False                    # True: the plain PyTorch step, never a compiled fast path
     seed: int = 0                                  # seeds the generator of requests without their own seed
     # scheduling
     max_num_seqs: int = 64

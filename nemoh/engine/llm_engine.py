@@ -69,6 +69,10 @@ class LLMEngine:
         self.model_config = cfg = model.config
         self.tokenizer = tokenizer
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            logger.warning("max_model_len %d is larger than the checkpoint's max_position_embeddings %d: the model "
+                           "was not trained on sequences that long and may degrade past %d tokens",
+                           self.max_model_len, cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.eos_token_ids = list(cfg.eos_token_id)
         self.num_speculative_tokens = k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
         if k and not cfg.has_mtp:
@@ -93,8 +97,13 @@ class LLMEngine:
         import nemoh
 
         args = EngineArgs.from_kwargs(**engine_args)
+        tokenizer = None
+        if args.tokenizer is not None:
+            tokenizer = load_tokenizer(args.tokenizer)
+            if tokenizer is None:
+                raise ValueError(f"tokenizer: {args.tokenizer} has no tokenizer.json")
         model = nemoh.load_model(model_dir, dtype=args.dtype, device=args.device)
-        return cls(model, load_tokenizer(model_dir), args)
+        return cls(model, tokenizer or load_tokenizer(model_dir), args)
 
     # ---- requests -------------------------------------------------------------------------------------
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

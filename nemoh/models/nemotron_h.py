@@ -53,8 +53,8 @@ class NemotronHForCausalLM(nn.Module):
         self.kv_scales: dict[int, tuple[float, float]] = {}
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
+        """Share the embedding matrix as the head (the loader calls it for a tied checkpoint without a head)."""
+        self.lm_head.weight = self.backbone.embeddings.weight
 
     @property
     def dtype(self) -> torch.dtype:

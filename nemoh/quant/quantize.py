@@ -89,11 +89,17 @@ def quantize_checkpoint(
             "that FP8 consumers read, and there is no per-tensor weight-only FP8 quant_algo to declare instead"
         )
     src, dst = Path(src_dir), Path(dst_dir)
+    if calib_file is not None and not Path(calib_file).is_file():
+        raise ValueError(f"calib_file (--calib) {calib_file}: no such file")
+    if not (src / "config.json").is_file():
+        what = "is a file" if src.is_file() else "has no config.json" if src.is_dir() else "does not exist"
+        raise ValueError(f"source {src} {what}; SRC is a BF16/FP32 checkpoint directory (config.json + safetensors)")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"destination {dst} exists and is not empty; pass a new or empty directory "
+                         "(nothing is overwritten)")
     config = json.loads((src / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{src}/config.json already has a quantization_config; quantize a BF16/FP32 checkpoint")
-    if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"destination {dst} exists and is not empty")
     dst.mkdir(parents=True, exist_ok=True)
     patterns = DEFAULT_EXCLUDES + [p for p in (exclude or []) if p not in DEFAULT_EXCLUDES]
 
@@ -334,15 +340,7 @@ def _progress(total: int, desc: str, enabled: bool):
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `quantize` on the nemoh CLI; the parsed args carry `func` to call with them."""
-    p = subparsers.add_parser("quantize", help="quantize a BF16 checkpoint to NVFP4 or FP8 (ModelOpt layout)")
-    _add_arguments(p)
-    p.set_defaults(func=run_cli)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="source checkpoint directory (BF16/FP32 safetensors)")
     p.add_argument("dst", help="destination directory (must be empty or absent)")
     p.add_argument("--format", dest="fmt", choices=("nvfp4", "fp8"), default="nvfp4")
@@ -367,7 +365,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nemoh quantize", description=__doc__.splitlines()[0])
-    _add_arguments(parser)
+    add_arguments(parser)
     return run_cli(parser.parse_args(argv))
 
 

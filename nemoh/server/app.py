@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+import nemoh
 from nemoh.server.errors import bad_request, install_error_handlers
 from nemoh.server.metrics import ServerMetrics
 from nemoh.server.middleware import GuardMiddleware
@@ -71,7 +72,9 @@ def build_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
 
-    app = FastAPI(title="nemoh", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    docs = settings.api_docs
+    app = FastAPI(title="nemoh", version=nemoh.__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.nemoh = state
     install_error_handlers(app)
     chat = ChatServing(state)

@@ -95,7 +95,8 @@ class NemohServer(uvicorn.Server):
         self.should_exit = True
 
 
-def make_server(app: Any, host: str, port: int, *, log_level: str = "info", access_log: bool = False) -> NemohServer:
+def make_server(app: Any, host: str, port: int, *, log_level: str = "info", access_log: bool = False,
+                ssl_keyfile: str | None = None, ssl_certfile: str | None = None, root_path: str = "") -> NemohServer:
     state: ServerState = app.state.nemoh
     config = uvicorn.Config(
         app,
@@ -108,8 +109,27 @@ def make_server(app: Any, host: str, port: int, *, log_level: str = "info", acce
         timeout_graceful_shutdown=1,
         timeout_keep_alive=5,
         lifespan="on",
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
+        root_path=root_path,
     )
     return NemohServer(config, state)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port for the server to listen on (port 0: a free one). Bound before the model
+    loads, so that a busy port is reported at once; raises OSError (address in use, unknown host, ...)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    # as uvicorn binds: a port left in TIME_WAIT by a server that just stopped can be taken again at once
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ServerThread:

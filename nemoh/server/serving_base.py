@@ -167,8 +167,10 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
         raise bad_request(f"The prompt could not be tokenized: {e}") from None
 
 
-def token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def token_text(tokenizer: Any, token_id: int, as_id: bool = False) -> str:
+    """A logprob entry's token: its text, or "token_id:N" (--return-tokens-as-token-ids, for clients that need
+    the exact token when its text does not say it, e.g. a byte of a multi-byte character)."""
+    return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 @dataclass

@@ -366,17 +366,18 @@ class _ChatJob:
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, Any]]) -> ChoiceLogprobs:
         content = []
         top_n = self.req.top_logprobs or 0
+        as_ids = self.state.settings.return_tokens_as_token_ids
         for i, tid in enumerate(token_ids):
             entry = logprobs[i] if i < len(logprobs) else {}
             chosen = entry.get(tid)
-            text = token_text(self.tokenizer, tid)
+            text = token_text(self.tokenizer, tid, as_ids)
             tops = sorted(entry.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))[:top_n] if top_n else []
             content.append(TokenLogprob(
                 token=text,
                 logprob=max(chosen.logprob, -9999.0) if chosen is not None else -9999.0,
                 bytes=list(text.encode("utf-8")),
                 top_logprobs=[
-                    TopLogprob(token=(t := token_text(self.tokenizer, k)), logprob=max(v.logprob, -9999.0),
+                    TopLogprob(token=(t := token_text(self.tokenizer, k, as_ids)), logprob=max(v.logprob, -9999.0),
                                bytes=list(t.encode("utf-8")))
                     for k, v in tops
                 ],

@@ -107,16 +107,17 @@ class _CompletionJob:
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, Any]], offset: int) -> CompletionLogprobs:
         out = CompletionLogprobs()
+        as_ids = self.state.settings.return_tokens_as_token_ids
         for i, tid in enumerate(token_ids):
             entry = logprobs[i] if i < len(logprobs) else {}
-            text = token_text(self.tokenizer, tid)
+            text = token_text(self.tokenizer, tid, as_ids)
             chosen = entry.get(tid)
             out.tokens.append(text)
             out.token_logprobs.append(max(chosen.logprob, -9999.0) if chosen is not None else None)
             out.text_offset.append(offset)
             offset += len(text)
             tops = sorted(entry.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))[: self.req.logprobs or 0]
-            out.top_logprobs.append({token_text(self.tokenizer, k): max(v.logprob, -9999.0) for k, v in tops}
+            out.top_logprobs.append({token_text(self.tokenizer, k, as_ids): max(v.logprob, -9999.0) for k, v in tops}
                                     if self.req.logprobs else None)
         return out
 

@@ -24,6 +24,8 @@ class ServerSettings:
     health_check_interval: float = 1.0
     disconnect_poll_interval: float = 0.1
     system_fingerprint: str | None = None
+    api_docs: bool = True                     # FastAPI's /docs, /redoc and /openapi.json, as vLLM serves them
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (vLLM's flag), not text
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(self.served_model_names):

@@ -144,3 +144,39 @@ def test_chat_renders_the_template(llm):
     assert len(outs) == 2 and outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     assert outs[0].prompt.endswith("<|im_start|>assistant\n<think></think>")
     assert outs[0].prompt_token_ids == llm.get_tokenizer().encode(outs[0].prompt, add_special_tokens=False).ids
+
+
+def test_max_model_len_past_the_checkpoint_warns_with_both_numbers(make_llm, ckpt, caplog):
+    cfg_len = make_llm().engine.model_config.max_position_embeddings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nemoh.engine.llm_engine"):
+        make_llm(max_model_len=cfg_len)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="nemoh.engine.llm_engine"):
+        make_llm(max_model_len=cfg_len * 2)
+    (record,) = caplog.records
+    assert f"max_model_len {cfg_len * 2}" in record.getMessage()
+    assert f"max_position_embeddings {cfg_len}" in record.getMessage()
+
+
+def test_tokenizer_and_template_from_another_directory(make_llm, ckpt, tmp_path):
+    import shutil
+
+    from checkpoints import DEMO_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEMO_DIR / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.content }}>{% endfor %}")
+    llm = make_llm(tokenizer=str(tmp_path))
+    out = llm.chat([{"role": "user", "content": "hi"}], greedy(2))
+    assert out[0].prompt == "<hi>"
+    with pytest.raises(ValueError, match="tokenizer: .* has no tokenizer.json"):
+        make_llm(tokenizer=str(tmp_path / "nowhere"))
+
+
+def test_enforce_eager_is_an_engine_arg():
+    from nemoh.engine.config import EngineArgs
+
+    assert EngineArgs().enforce_eager is False and EngineArgs(enforce_eager=True).enforce_eager is True
+    with pytest.raises(ValueError, match="enforce_eager"):
+        EngineArgs(enforce_eager="yes")

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from nemoh import cli
+from nemoh.cli import common
 from nemoh.chat import ChatTemplate
 from nemoh.server.app import build_app
 from nemoh.server.runner import ServerThread, make_server
@@ -26,12 +27,12 @@ def test_unknown_flags_are_errors(capsys):
     assert cli.main(["serve", "--no-such-flag"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--prompt", "hi", "--bogus", "1"]) == 2
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["frobnicate"])
+    assert cli.main(["frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
 def test_serve_without_model_explains(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "DEMO_MODEL_DIR", tmp_path)
+    monkeypatch.setattr(common, "DEMO_MODEL_DIR", tmp_path)
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "no MODEL given" in err and "nemoh serve /path/to/" in err
@@ -64,12 +65,18 @@ def test_engine_death_stops_the_server(demo_tokenizer):
     assert not thread.thread.is_alive() and app.state.nemoh.dead
 
 
-def _read_stream(url: str, body: dict, out: dict, key: str) -> None:
+def _read_stream(url: str, body: dict, out: dict, key: str, started: threading.Event) -> None:
     try:
         with httpx.stream("POST", url, json=body, headers={"Authorization": "Bearer k"}, timeout=30) as r:
-            out[key] = [line for line in r.iter_lines() if line]
+            out[key] = []
+            for line in r.iter_lines():
+                if line:
+                    out[key].append(line)
+                    started.set()
     except httpx.HTTPError as e:
         out[key] = e
+    finally:
+        started.set()
 
 
 def test_sigterm_drains_then_exits(tiny_checkpoint):
@@ -78,7 +85,7 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
     sock.close()
     drain = 3.0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nemoh.cli", "serve", str(tiny_checkpoint), "--port", str(port), "--api-key", "k",
+        [sys.executable, "-m", "nemoh", "serve", str(tiny_checkpoint), "--port", str(port), "--api-key", "k",
          "--max-model-len", "4096", "--cache-memory-gb", "0.05", "--device", "cpu", "--drain-timeout", str(drain),
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -96,13 +103,16 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
             assert time.time() < deadline, "server did not start"
             time.sleep(0.2)
         out: dict = {}
+        started = threading.Event(), threading.Event()
         short = threading.Thread(target=_read_stream, args=(base + "/v1/completions",
-                                 {"prompt": "a", "max_tokens": 12, "stream": True}, out, "short"))
+                                 {"prompt": "a", "max_tokens": 12, "stream": True}, out, "short", started[0]))
         long = threading.Thread(target=_read_stream, args=(base + "/v1/completions",
-                                {"prompt": "b", "max_tokens": 3500, "ignore_eos": True, "stream": True}, out, "long"))
+                                {"prompt": "b", "max_tokens": 3500, "ignore_eos": True, "stream": True}, out, "long",
+                                started[1]))
         short.start()
         long.start()
-        time.sleep(0.3)
+        # both accepted before SIGTERM (a fixed sleep let a loaded machine send them after it, and get 503)
+        assert started[0].wait(30) and started[1].wait(30)
         proc.send_signal(signal.SIGTERM)
         t0 = time.time()
         time.sleep(0.2)
@@ -111,10 +121,12 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
         assert r.status_code == 503 and "retry-after" in r.headers
         assert r.json()["error"]["code"] == "service_unavailable"
         assert httpx.get(base + "/health").status_code == 503
-        rc = proc.wait(timeout=drain + 5)
+        rc = proc.wait(timeout=drain + 10)
         elapsed = time.time() - t0
         assert rc == 0
-        assert elapsed < drain + 3, elapsed
+        # drain, then uvicorn's 1 s for connections to close, then the interpreter's exit: torch's teardown alone
+        # takes 0.75-2 s on the shared 2-core machine (`python -c "import torch"`), whatever nemoh does
+        assert elapsed < drain + 5, elapsed
         short.join(5)
         long.join(5)
         assert out["short"][-1] == "data: [DONE]"  # in flight at SIGTERM: finished normally
@@ -126,13 +138,3 @@ def test_sigterm_drains_then_exits(tiny_checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def test_demo_defaults_mtp_on_and_the_checkpoint_dtype():
-    from nemoh.cli import DEMO_SPECULATIVE_CONFIG, apply_demo_defaults
-
-    cpu = apply_demo_defaults({"dtype": "auto", "device": "cpu"})
-    assert cpu["dtype"] == "auto" and cpu["speculative_config"] == DEMO_SPECULATIVE_CONFIG
-    assert apply_demo_defaults({"dtype": "float32", "device": "cpu"})["dtype"] == "float32"     # --dtype wins
-    no_mtp = apply_demo_defaults({"dtype": "auto", "device": "cpu", "speculative_config": None})
-    assert no_mtp["speculative_config"] is None                                                # flag wins

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from nemoh.chat import ChatTemplate
-from nemoh.cli import DEMO_MODEL_DIR, DEMO_SPECULATIVE_CONFIG, has_weights
+from nemoh.cli.common import DEFAULT_SPECULATIVE_CONFIG, DEMO_MODEL_DIR, has_weights
 from nemoh.demo.corpus import generate
 from server_helpers import MODEL_NAME, real_engine, start_server, stop_real
 
@@ -24,7 +24,7 @@ HELDOUT_SEED, HELDOUT_INDEX = 1, 13
 @pytest.fixture(scope="module")
 def demo_server():
     engine = real_engine(DEMO_MODEL_DIR, dtype="bfloat16", max_model_len=2048, num_kv_blocks=256,
-                         speculative_config=DEMO_SPECULATIVE_CONFIG)
+                         speculative_config=DEFAULT_SPECULATIVE_CONFIG)
     server = start_server(engine, chat_template=ChatTemplate.from_model_dir(DEMO_MODEL_DIR),
                           enable_auto_tool_choice=True, model_path=str(DEMO_MODEL_DIR))
     yield server

@@ -44,6 +44,20 @@ def test_api_key_on_every_route_but_health(server):
     assert [m.id for m in server.client().models.list().data] == [MODEL_NAME]
 
 
+def test_api_docs_like_vllm_and_behind_the_key(server, server_factory, demo_tokenizer):
+    """FastAPI's /docs, /redoc and /openapi.json, as vLLM serves them; with an API key they need it too."""
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_openai_error(httpx.get(server.base_url + path), 401)
+        assert httpx.get(server.base_url + path, headers=AUTH).status_code == 200
+    paths = httpx.get(server.base_url + "/openapi.json", headers=AUTH).json()["paths"]
+    assert "/v1/chat/completions" in paths and "/v1/completions" in paths
+    open_server = server_factory(ScriptedEngine(demo_tokenizer, script="ok"), api_key=None)
+    assert "swagger-ui" in httpx.get(open_server.base_url + "/docs").text
+    off = server_factory(ScriptedEngine(demo_tokenizer, script="ok"), api_docs=False)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_openai_error(httpx.get(off.base_url + path, headers=AUTH), 404)
+
+
 def test_error_statuses(server):
     url = server.base_url
     err = assert_openai_error(httpx.post(url + "/v1/chat/completions", headers=AUTH,

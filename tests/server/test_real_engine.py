@@ -5,6 +5,7 @@ release; the parser-level behaviour is in test_chat_scripted.py.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -75,6 +76,27 @@ def test_batch_n_seed_stop_and_logprobs(real_server):
     if stop.strip():
         cut = c.completions.create(model=MODEL_NAME, prompt="x", temperature=0, max_tokens=12, stop=[stop])
         assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+
+
+def test_return_tokens_as_token_ids(real_server):
+    """vLLM's --return-tokens-as-token-ids: logprob tokens are "token_id:N", N the id of the token whose text is
+    returned without the flag."""
+    c = real_server.client()
+    settings = real_server.state.settings
+    plain = c.completions.create(model=MODEL_NAME, prompt="The printer", logprobs=2, **GREEDY).choices[0].logprobs
+    settings.return_tokens_as_token_ids = True
+    try:
+        lp = c.completions.create(model=MODEL_NAME, prompt="The printer", logprobs=2, **GREEDY).choices[0].logprobs
+        chat = c.chat.completions.create(model=MODEL_NAME, messages=USER, logprobs=True, top_logprobs=2, **GREEDY)
+    finally:
+        settings.return_tokens_as_token_ids = False
+    assert all(re.fullmatch(r"token_id:\d+", t) for t in lp.tokens)
+    tokenizer = real_server.engine.tokenizer
+    assert [tokenizer.decode([int(t[9:])], skip_special_tokens=False) for t in lp.tokens] == plain.tokens
+    assert all(re.fullmatch(r"token_id:\d+", k) for top in lp.top_logprobs for k in top)
+    content = chat.choices[0].logprobs.content
+    assert content and all(re.fullmatch(r"token_id:\d+", t.token) for t in content)
+    assert all(re.fullmatch(r"token_id:\d+", t.token) for e in content for t in e.top_logprobs)
 
 
 def test_thinking_switches_shape_the_prompt(real_server):
