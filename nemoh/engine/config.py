@@ -47,7 +47,6 @@ class EngineArgs:
     device: str = "cpu"
     tokenizer: str | None = None                   # directory with tokenizer.json (and the chat template);
                                                    # None: the model directory
-    enforce_eager: bool = False                    # True: the plain PyTorch step, never a compiled fast path
     seed: int = 0                                  # seeds the generator of requests without their own seed
     # scheduling
     max_num_seqs: int = 64
