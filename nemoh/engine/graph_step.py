@@ -53,30 +53,30 @@ class _Bucket:
                           runner.kv_caches, runner.mamba_caches, runner.kv_scales, self.saved)
 
         def step():
-            with torch.inference_mode():
-                if mtp:
-                    hidden = model.mtp_forward_step(self.ids, self.hidden_in, ctx)
-                else:
-                    hidden = model.forward_step(self.ids, ctx)
-                logits = model.compute_logits(hidden)
-                return hidden, logits, logits.argmax(-1)
+            if mtp:
+                hidden = model.mtp_forward_step(self.ids, self.hidden_in, ctx)
+            else:
+                hidden = model.forward_step(self.ids, ctx)
+            logits = model.compute_logits(hidden)
+            return hidden, logits, logits.argmax(-1)
 
         self.outputs = None
         if mode == "cuda":
             stream = torch.cuda.Stream(device=dev)
             stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(stream):
+            with torch.inference_mode(), torch.cuda.stream(stream):
                 step()                       # warm-up: allocations, Triton autotuning, lazy inits
                 step()
             torch.cuda.current_stream(dev).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool):
                 self.outputs = step()
             self._replay = self.graph.replay
         elif mode == "inductor":
             compiled = torch.compile(step, fullgraph=True, dynamic=False)
             self._replay = lambda: setattr(self, "outputs", compiled())
-            self._replay()                   # compile now, not in the first request's step
+            with torch.inference_mode():
+                self._replay()               # compile now, not in the first request's step
         else:
             self._replay = lambda: setattr(self, "outputs", step())
 
