@@ -239,12 +239,14 @@ def read_bandwidth() -> float:
 
 
 def weight_bytes_per_token(path: Path, fmt: str) -> int:
-    """Bytes of weights a decode token reads: every tensor but the embedding table (one row is read) and
-    the routed experts, of which top-k / n are read; MTP excluded."""
+    """Bytes of weights a decode token reads as nemoh holds them for `fmt` (float weights in the compute
+    dtype, the router in float32, quantized ones packed): every tensor but the embedding table (one row is
+    read) and the routed experts, of which top-k / n are read; MTP excluded."""
     from safetensors import safe_open
 
     cfg = json.loads((path / "config.json").read_text())
     share = cfg["num_experts_per_tok"] / cfg["n_routed_experts"]
+    float_bytes = 2 if fmt == "bf16" else 4
     total = 0
     for shard in path.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
@@ -255,9 +257,12 @@ def weight_bytes_per_token(path: Path, fmt: str) -> int:
                 size = 1
                 for d in t.get_shape():
                     size *= d
-                elem = {"F32": 4, "BF16": 2, "F16": 2}.get(t.get_dtype(), 1)
-                if fmt == "bf16" and t.get_dtype() == "F32" and "gate" not in name:
-                    elem = 2
+                if t.get_dtype() in ("U8", "F8_E4M3"):
+                    elem = 1
+                elif name.endswith("gate.weight") or name.endswith("_bias"):
+                    elem = 4
+                else:
+                    elem = float_bytes
                 total += size * elem * (share if ".experts." in name else 1.0)
     return int(total)
 
@@ -283,6 +288,7 @@ def main() -> None:
     ap.add_argument("--held-out", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.streams = args.streams[0]
         if args.what != "prefill" and args.streams > 1:
             args.prompt = 128
         nemoh_child(args)

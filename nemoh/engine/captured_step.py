@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
-
 import torch
 
 from nemoh.engine.kv_cache import blocks_for
@@ -47,6 +45,7 @@ class _PlanInputs:
         self.slot_mapping = _int_view(plan.slot_mapping, ctypes.c_int64)
         self.slots = _int_view(plan.slots, ctypes.c_int64)
         self.select = _int_view(plan.select, ctypes.c_int64) if plan.select is not None else None
+        self.argmax = _int_view(plan.argmax, ctypes.c_int64)      # read back as a list by slicing
         width = plan.max_blocks
         base = plan.block_tables.data_ptr()
         self.tables = [(ctypes.c_int32 * width).from_address(base + 4 * width * i) for i in range(plan.max_seqs)]
@@ -75,14 +74,27 @@ class _PlanInputs:
         self.slot_mapping[:rows] = slot_mapping
 
 
-@dataclass
 class CapturedOutput:
-    """One sequence's share of a captured main-model step (views of the plan's buffers, valid until the next
-    replay of the same plan)."""
-    hidden: torch.Tensor                 # (q, hidden) after norm_f
-    logits: torch.Tensor                 # (q, vocab)
-    argmax: list[int]                    # (q,)
-    intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]]   # Mamba states after each row, for roll-back
+    """One sequence's share of a captured main-model step: rows [row, row + q) of the step's buffers (valid
+    until the next replay of the same plan). The views are made when read."""
+
+    __slots__ = ("_hidden", "_logits", "_rows", "argmax", "intermediate")
+
+    def __init__(self, hidden: torch.Tensor, logits: torch.Tensor, rows: slice, argmax: list[int],
+                 intermediate: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self._hidden, self._logits, self._rows = hidden, logits, rows
+        self.argmax = argmax                  # (q,) argmax of each row's logits
+        self.intermediate = intermediate      # Mamba states after each row, for roll-back
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(q, hidden) after norm_f."""
+        return self._hidden[self._rows]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(q, vocab)."""
+        return self._logits[self._rows]
 
 
 class CapturedSteps:
@@ -180,11 +192,11 @@ class CapturedSteps:
                 tokens.extend(seq.draft_token_ids[:q - 1])
             inputs.fill(seqs, [seq.num_computed_tokens for seq in seqs], tokens)
             plan.run(len(seqs))
-            argmax = plan.argmax[:len(seqs) * q].tolist()
+            argmax = inputs.argmax[:len(seqs) * q]
             for i in range(len(seqs)):
                 rows = slice(i * q, (i + 1) * q)
                 saved = {layer: (conv[i], ssm[i]) for layer, (conv, ssm) in plan.saved.items()}
-                out.append(CapturedOutput(plan.out[rows], plan.logits[rows], argmax[rows], saved))
+                out.append(CapturedOutput(plan.out, plan.logits, rows, argmax[rows], saved))
         return out
 
     # ---- MTP drafting ----------------------------------------------------------------------------------------
@@ -212,14 +224,14 @@ class CapturedSteps:
             first_in.select[i] = i * q + h.shape[0] - 1
         first_in.fill(seqs, starts, tokens)
         first.run(n)
-        drafts = [[d] for d in first.argmax[:n].tolist()]
+        drafts = [[d] for d in first_in.argmax[:n]]
         positions = [start + h.shape[0] for start, h in zip(starts, hiddens)]
         hidden = first.selected
         for _ in range(1, self.k):
             nxt.hidden_in[:n] = hidden[:n]
             nxt_in.fill(seqs, positions, [d[-1] for d in drafts])
             nxt.run(n)
-            for d, t in zip(drafts, nxt.argmax[:n].tolist()):
+            for d, t in zip(drafts, nxt_in.argmax[:n]):
                 d.append(t)
             positions = [p + 1 for p in positions]
             hidden = nxt.out

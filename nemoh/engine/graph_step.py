@@ -164,7 +164,7 @@ class GraphSteps:
             for i in range(len(seqs)):
                 rows = slice(i * q, (i + 1) * q)
                 saved = {layer: (c[i], s[i]) for layer, (c, s) in (bucket.saved or {}).items()}
-                out.append(CapturedOutput(hidden[rows], logits[rows], argmax[rows], saved))
+                out.append(CapturedOutput(hidden, logits, rows, argmax[rows], saved))
         return out
 
     # ---- MTP drafting --------------------------------------------------------------------------------------

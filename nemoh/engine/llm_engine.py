@@ -226,7 +226,7 @@ class LLMEngine:
     def _sample(self, r: SeqResult) -> tuple[list[int], int]:
         """Tokens to append and the number of positions now validly computed."""
         s, seq = r.scheduled, r.scheduled.seq
-        if r.logits is None:
+        if r.argmax is None:                   # a step that samples nothing (a prompt chunk before its end)
             return [], s.num_new_tokens
         drafts = seq.draft_token_ids[: s.num_draft_tokens]
         if r.argmax is not None and _needs_no_processing(seq):

@@ -36,6 +36,24 @@ class SeqResult:
     argmax: list[int] | None = None     # argmax of each logits row, from one call over the whole batch
 
 
+class CapturedResult(SeqResult):
+    """A SeqResult from a captured step: its hidden state and logits are views of the step's buffers, made
+    only when read (a greedy decode reads neither: its token is `argmax`)."""
+
+    def __init__(self, scheduled: ScheduledSeq, start: int, output, keeps_hidden: bool):
+        self.scheduled, self.start, self.intermediate, self.argmax = (
+            scheduled, start, output.intermediate, output.argmax)
+        self._output, self._keeps_hidden = output, keeps_hidden
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        return self._output.hidden if self._keeps_hidden else None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._output.logits
+
+
 def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -156,30 +174,33 @@ class ModelRunner:
         return seq.token_ids[start:start + s.num_new_tokens]
 
     # ---- the main model ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> list[SeqResult]:
         """Run the main model over the batch. Uniform decode and verification steps take the captured step;
         the rest the eager forward, where verification (sequences with drafts) runs in its own forward with
         intermediate Mamba states saved, so prefill chunks never pay for per-position states."""
         results: dict[int, SeqResult] = {}
+        rest = scheduled
         if self.captured is not None:
             by_q: dict[int, list[ScheduledSeq]] = {}
+            rest = []
             for s in scheduled:
                 q = self.captured.takes(s)
                 if q:
                     by_q.setdefault(q, []).append(s)
+                else:
+                    rest.append(s)
             for q, group in by_q.items():
                 for s, o in zip(group, self.captured.run_main(group, q)):
-                    results[s.seq.seq_id] = SeqResult(s, s.seq.num_computed_tokens,
-                                                      o.hidden if self.keeps_all_hidden else None, o.logits,
-                                                      o.intermediate, o.argmax)
-        rest = [s for s in scheduled if s.seq.seq_id not in results]
-        verify = [s for s in rest if s.num_draft_tokens]
-        plain = [s for s in rest if not s.num_draft_tokens]
-        for group, save in ((plain, False), (verify, True)):
-            if group:
-                for r in self._forward(group, save):
-                    results[r.scheduled.seq.seq_id] = r
+                    results[s.seq.seq_id] = CapturedResult(s, s.seq.num_computed_tokens, o, self.keeps_all_hidden)
+            if not rest:
+                return [results[s.seq.seq_id] for s in scheduled]
+        with torch.inference_mode():
+            verify = [s for s in rest if s.num_draft_tokens]
+            plain = [s for s in rest if not s.num_draft_tokens]
+            for group, save in ((plain, False), (verify, True)):
+                if group:
+                    for r in self._forward(group, save):
+                        results[r.scheduled.seq.seq_id] = r
         return [results[s.seq.seq_id] for s in scheduled]
 
     def _forward(self, group: list[ScheduledSeq], save: bool) -> list[SeqResult]:
