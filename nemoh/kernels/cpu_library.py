@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 ABI_VERSION = 1
 FORMAT_F32, FORMAT_BF16, FORMAT_F16, FORMAT_FP8, FORMAT_NVFP4 = range(5)
+PANELS = 0x100             # a format | PANELS: the weight re-laid in panels of 16 features (nemoh_cpu.h)
 STORE, RELU2, ADD = range(3)
 PER_SEQUENCE = -1          # a kernel's `rows`: one row per sequence of the step
 DTYPE_FORMATS = {torch.float32: FORMAT_F32, torch.bfloat16: FORMAT_BF16, torch.float16: FORMAT_F16,
@@ -115,6 +116,8 @@ class CpuLibrary:
         self.lib.nemoh_run_plan_timed.restype = None
         self.lib.nemoh_set_num_threads.argtypes = [c_int32]
         self.lib.nemoh_struct_sizes.argtypes, self.lib.nemoh_struct_sizes.restype = [c_void_p, c_int64], c_int64
+        self.lib.nemoh_panel_bytes.argtypes, self.lib.nemoh_panel_bytes.restype = [c_void_p, c_void_p], c_int64
+        self.lib.nemoh_pack_panels.argtypes, self.lib.nemoh_pack_panels.restype = [c_void_p, c_void_p, c_void_p], None
         self.threads = 0
 
     def struct_sizes(self) -> list[int]:
@@ -122,6 +125,17 @@ class CpuLibrary:
         out = (c_int64 * len(STRUCTS))()
         count = self.lib.nemoh_struct_sizes(out, len(STRUCTS))
         return list(out)[:count]
+
+    def pack_panels(self, w: Weight) -> tuple[Weight, tuple[torch.Tensor, ...]]:
+        """The weight `w` describes (plain layout) re-laid in panels: (its descriptor, the tensors holding it)."""
+        scale_bytes = c_int64(0)
+        size = self.lib.nemoh_panel_bytes(ctypes.byref(w), ctypes.byref(scale_bytes))
+        data = torch.empty(size, dtype=torch.uint8)
+        scales = torch.empty(max(1, scale_bytes.value), dtype=torch.uint8)
+        self.lib.nemoh_pack_panels(ctypes.byref(w), data.data_ptr(), scales.data_ptr())
+        packed = Weight(format=w.format | PANELS, n=w.n, k=w.k, data=data.data_ptr(),
+                        block_scale=scales.data_ptr() if scale_bytes.value else None, scale=w.scale, bias=w.bias)
+        return packed, (data, scales)
 
     def sync_threads(self) -> None:
         """Use as many threads as PyTorch does (torch.set_num_threads)."""

@@ -42,6 +42,27 @@ def weight_descriptor(module: nn.Module, weight: torch.Tensor | None = None,
                     data=weight.data_ptr(), block_scale=None, scale=1.0, bias=C.ptr(bias))
 
 
+class Panels:
+    """Weights re-laid in the kernels' panel layout (`CpuLibrary.pack_panels`), one copy per weight tensor, made
+    on first request: batched products read them with no transposition at run time. Keyed by the module's weight
+    (data pointer, shape, dtype), so a replaced or moved weight gets a new copy."""
+
+    def __init__(self, lib: C.CpuLibrary):
+        self.lib = lib
+        self._made: dict[tuple, tuple[C.Weight, tuple]] = {}
+
+    def descriptor(self, module: nn.Module, bias: torch.Tensor | None = None) -> C.Weight:
+        plain = weight_descriptor(module, None if bias is None else module.weight, bias)
+        key = (plain.format, plain.n, plain.k, plain.data, plain.block_scale, plain.bias)
+        if key not in self._made:
+            self._made[key] = self.lib.pack_panels(plain)
+        return self._made[key][0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for _, tensors in self._made.values() for t in tensors)
+
+
 def supports(module: nn.Module) -> bool:
     """Whether the native kernels multiply by this module's weight as stored."""
     if isinstance(module, (NVFP4Linear, FP8Linear)):

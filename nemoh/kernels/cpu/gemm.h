@@ -25,7 +25,54 @@ struct Epilogue {
         if (kind == NEMOH_ADD) return act(old + v, round);
         return v;
     }
+#if NEMOH_AVX2
+    // y[0:8] = apply(acc[i], n + i, y[i]) for 8 consecutive outputs
+    void apply8(__m256 acc, int64_t n, float* y) const {
+        if (bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(bias + n));
+        __m256 v = round8(acc);
+        if (kind == NEMOH_RELU2) {
+            v = _mm256_max_ps(v, _mm256_setzero_ps());
+            v = round8(_mm256_mul_ps(v, v));
+        } else if (kind == NEMOH_ADD) {
+            v = round8(_mm256_add_ps(_mm256_loadu_ps(y), v));
+        }
+        _mm256_storeu_ps(y, v);
+    }
+    __m256 round8(__m256 v) const {
+        if (round == NEMOH_ROUND_BF16) {
+            // round to nearest even on the upper 16 bits, as round_bf16 does; NaN kept
+            const __m256i u = _mm256_castps_si256(v);
+            const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)),
+                                               _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+            return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        if (round == NEMOH_ROUND_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        return v;
+    }
+#endif
 };
+
+// Weight bytes this far ahead of a row being read are asked for while it is computed: a model's rows are often
+// short (512 inputs, 1 KiB in bfloat16), too short for the hardware prefetcher to run ahead of the DRAM latency
+// by itself.
+#ifndef NEMOH_PREFETCH_BYTES
+#define NEMOH_PREFETCH_BYTES 2048
+#endif
+static const int64_t kPrefetchBytes = NEMOH_PREFETCH_BYTES;
+static const int64_t kPrefetchRows = 8;
+
+template <class R>
+static inline void prefetch_ahead(const R& w, int64_t n, int64_t k);
+
+template <class R>
+static inline void prefetch_ahead(const R& w, int64_t n, int64_t k) {
+#if NEMOH_AVX2
+    _mm_prefetch(static_cast<const char*>(w.addr(n, k)) + kPrefetchBytes, _MM_HINT_T0);
+#else
+    (void)w, (void)n, (void)k;
+#endif
+}
 
 // acc[m][j] = sum_k x[m, k] * W[n0 + j, k] for m < MT, j < NT.
 template <class R, int MT, int NT>
@@ -37,6 +84,8 @@ static inline void dot_tile(const R& w, const float* x, int64_t xs, int64_t n0, 
         for (int j = 0; j < NT; ++j) va[m][j] = _mm256_setzero_ps();
     for (; k + 16 <= K; k += 16) {
         __m256 w0[NT], w1[NT];
+        if ((k & 31) == 0)
+            for (int j = 0; j < NT; ++j) prefetch_ahead(w, n0 + j, k);
         for (int j = 0; j < NT; ++j) w.load16(n0 + j, k, w0[j], w1[j]);
         for (int m = 0; m < MT; ++m) {
             __m256 x0 = _mm256_loadu_ps(x + m * xs + k), x1 = _mm256_loadu_ps(x + m * xs + k + 8);
@@ -79,6 +128,10 @@ static inline void nvfp4_dot_tile(const NVFP4Rows& w, const float* x, int64_t xs
         for (int j = 0; j < NT; ++j) {
             const uint8_t* row = w.p + (n0 + j) * row_bytes + (k >> 1);
             const uint8_t* sc = w.s + (n0 + j) * row_scales + (k >> 4);
+            if ((k & 127) == 0) {
+                _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * row_bytes), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(sc + kPrefetchRows * row_scales), _MM_HINT_T0);
+            }
             __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
             __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
             __m128i c0 = _mm_shuffle_epi8(table, _mm_unpacklo_epi8(lo, hi));   // inputs k .. k+15
@@ -108,12 +161,45 @@ static inline void nvfp4_dot_tile(const NVFP4Rows& w, const float* x, int64_t xs
 }
 #endif
 
+// One row of x against one weight row (a decode step's product): four independent partial sums so that the
+// FMA latency never limits, and the rows ahead prefetched. The weight is read as one sequential stream (rows in
+// order), which keeps the hardware prefetcher going even when rows are short.
+template <class R>
+static inline float dot_row(const R& w, const float* x, int64_t n, int64_t K) {
+    int64_t k = 0;
+    float total = 0.f;
+#if NEMOH_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+        prefetch_ahead(w, n, k);
+        __m256 a, b, c, d;
+        w.load16(n, k, a, b);
+        w.load16(n, k + 16, c, d);
+        s0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + k), s0);
+        s1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(x + k + 8), s1);
+        s2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + k + 16), s2);
+        s3 = _mm256_fmadd_ps(d, _mm256_loadu_ps(x + k + 24), s3);
+    }
+    for (; k + 16 <= K; k += 16) {
+        __m256 a, b;
+        w.load16(n, k, a, b);
+        s0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + k), s0);
+        s1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(x + k + 8), s1);
+    }
+    total = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    if constexpr (requires { R::kScaledSum; }) total *= w.factor();
+#endif
+    for (; k < K; ++k) total += w.get(n, k) * x[k];
+    return total;
+}
+
 template <class R, int MT, int NT>
 static inline void store_tile(const R& w, const float* x, int64_t xs, int64_t n0, int64_t K, float* y, int64_t ys,
                               const Epilogue& ep) {
     float acc[MT][NT];
 #if NEMOH_AVX2
     if constexpr (std::is_same_v<R, NVFP4Rows>) nvfp4_dot_tile<MT, NT>(w, x, xs, n0, K, acc);
+    else if constexpr (MT == 1 && NT == 1) acc[0][0] = dot_row(w, x, n0, K);
     else dot_tile<R, MT, NT>(w, x, xs, n0, K, acc);
 #else
     dot_tile<R, MT, NT>(w, x, xs, n0, K, acc);
@@ -126,7 +212,7 @@ static inline void store_tile(const R& w, const float* x, int64_t xs, int64_t n0
 template <class R, int MT>
 static inline void few_rows(const R& w, const float* x, int64_t xs, int64_t nb, int64_t ne, int64_t K, float* y,
                             int64_t ys, const Epilogue& ep) {
-    constexpr int NT = MT == 1 ? 4 : 2;
+    constexpr int NT = MT == 1 ? 1 : 2;
     int64_t n = nb;
     for (; n + NT <= ne; n += NT) store_tile<R, MT, NT>(w, x, xs, n, K, y, ys, ep);
     for (; n < ne; ++n) store_tile<R, MT, 1>(w, x, xs, n, K, y, ys, ep);
@@ -187,70 +273,129 @@ static inline void f32_tiles_n(const float* w, int64_t ldw, int64_t np, const fl
     else if (np - j == 1) f32_tile<MT, 1>(w + j * ldw, ldw, x, ldx, kb, part + j, ldp);
 }
 
-// Scratch a thread needs for gemm_range: a decoded panel and the panel's partial sums.
-static const int64_t kPanelRows = 48, kPanelInputs = 256;
-static inline int64_t gemm_scratch_floats(int64_t M) { return kPanelRows * kPanelInputs + M * kPanelRows; }
+// Scratch a thread needs for gemm_range: a panel of 16 weight rows decoded to float32 and transposed.
+static const int64_t kPanelCols = 16;
+static inline int64_t gemm_scratch_floats(int64_t M, int64_t K) { return kPanelCols * K + M * kPanelCols; }
 
-// More than 4 rows: the weight in panels of kPanelRows features x kPanelInputs inputs (decoded to float32 once,
-// small enough for the L2 cache with the rows of x it meets), every 4-row tile of x against each panel, partial
-// sums kept per panel until its last block of inputs, then the epilogue. Each weight element is read and
-// decoded once per call; x is read once per panel.
+// part[m, 0:16] = sum_k x[m, k] * panel[k, 0:16] for m < MR: the outer-product form (each x value broadcast, the
+// 16 weights of a k in two vectors), 2 x MR accumulators in registers, no horizontal sums.
+template <int MR>
+static inline void outer_tile(const float* panel, int64_t K, const float* x, int64_t xs, float* part) {
+#if NEMOH_AVX2
+    __m256 lo[MR], hi[MR];
+    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(panel + k * kPanelCols), b1 = _mm256_loadu_ps(panel + k * kPanelCols + 8);
+        for (int m = 0; m < MR; ++m) {
+            const __m256 a = _mm256_broadcast_ss(x + m * xs + k);
+            lo[m] = _mm256_fmadd_ps(a, b0, lo[m]);
+            hi[m] = _mm256_fmadd_ps(a, b1, hi[m]);
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        _mm256_storeu_ps(part + m * kPanelCols, lo[m]);
+        _mm256_storeu_ps(part + m * kPanelCols + 8, hi[m]);
+    }
+#else
+    for (int m = 0; m < MR; ++m)
+        for (int64_t j = 0; j < kPanelCols; ++j) {
+            float sum = 0.f;
+            for (int64_t k = 0; k < K; ++k) sum += x[m * xs + k] * panel[k * kPanelCols + j];
+            part[m * kPanelCols + j] = sum;
+        }
+#endif
+}
+
+#if NEMOH_AVX2
+// r[i] <- column i of the 8 x 8 block whose rows are r[0..7]
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
+// panel[k, j] = W[n0 + j, k] for j < 16 (zero for j >= cols), k < K: 8 rows x 8 inputs at a time, decoded and
+// transposed in registers.
+template <class R>
+static void build_panel(const R& w, int64_t n0, int64_t cols, int64_t K, float* panel) {
+    int64_t k_done = 0;
+#if NEMOH_AVX2
+    if (cols == kPanelCols) {
+        for (int64_t j0 = 0; j0 < kPanelCols; j0 += 8) {
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+                __m256 a[8], b[8];
+                for (int i = 0; i < 8; ++i) {
+                    w.load16(n0 + j0 + i, k, a[i], b[i]);
+                    if constexpr (requires { R::kScaledSum; }) {
+                        const __m256 f = _mm256_set1_ps(w.factor());
+                        a[i] = _mm256_mul_ps(a[i], f);
+                        b[i] = _mm256_mul_ps(b[i], f);
+                    }
+                }
+                transpose8(a);
+                transpose8(b);
+                for (int i = 0; i < 8; ++i) {
+                    _mm256_storeu_ps(panel + (k + i) * kPanelCols + j0, a[i]);
+                    _mm256_storeu_ps(panel + (k + 8 + i) * kPanelCols + j0, b[i]);
+                }
+            }
+            k_done = k;
+        }
+    }
+#endif
+    for (int64_t j = 0; j < kPanelCols; ++j)
+        for (int64_t k = k_done; k < K; ++k) panel[k * kPanelCols + j] = j < cols ? w.get(n0 + j, k) : 0.f;
+}
+
+// More than 4 rows (a batch of sequences, a verification, a small prefill chunk): 16 weight rows at a time are
+// decoded to float32 and transposed into a panel (read as one sequential stream: what the hardware prefetcher
+// follows best), then every 6-row tile of x runs against the panel in the outer-product form, and the epilogue.
+// Each weight element is read and decoded once per call.
 template <class R>
 static void gemm_range(const R& w, const float* x, int64_t xs, int64_t M, int64_t nb, int64_t ne, int64_t K,
                        float* y, int64_t ys, const Epilogue& ep, float* scratch) {
-    constexpr bool in_place = std::is_same_v<R, F32Rows>;
-    float* panel = scratch;
-    float* part = scratch + kPanelRows * kPanelInputs;
-    for (int64_t n0 = nb; n0 < ne; n0 += kPanelRows) {
-        int64_t np = std::min<int64_t>(kPanelRows, ne - n0);
-        std::fill(part, part + M * np, 0.f);
-        for (int64_t k0 = 0; k0 < K; k0 += kPanelInputs) {
-            int64_t kb = std::min<int64_t>(kPanelInputs, K - k0);
-            const float* pw;
-            int64_t ldw;
-            if constexpr (in_place) {
-                pw = w.p + n0 * w.ld + k0;
-                ldw = w.ld;
-            } else {
-                for (int64_t j = 0; j < np; ++j) {
-                    int64_t k = 0;
-#if NEMOH_AVX2
-                    // NVFP4's 16-input blocks and the other formats' 16-wide loads start on k0 (a multiple of 16)
-                    for (; k + 16 <= kb; k += 16) {
-                        __m256 a, b;
-                        w.load16(n0 + j, k0 + k, a, b);
-                        if constexpr (requires { R::kScaledSum; }) {
-                            const __m256 f = _mm256_set1_ps(w.factor());
-                            a = _mm256_mul_ps(a, f);
-                            b = _mm256_mul_ps(b, f);
-                        }
-                        _mm256_storeu_ps(panel + j * kPanelInputs + k, a);
-                        _mm256_storeu_ps(panel + j * kPanelInputs + k + 8, b);
-                    }
-#endif
-                    for (; k < kb; ++k) panel[j * kPanelInputs + k] = w.get(n0 + j, k0 + k);
-                }
-                pw = panel;
-                ldw = kPanelInputs;
-            }
-            for (int64_t m = 0; m < M; m += 4) {
-                int64_t mt = std::min<int64_t>(4, M - m);
-                const float* xm = x + m * xs + k0;
-                float* pm = part + m * np;
-                if (mt == 4) f32_tiles_n<4>(pw, ldw, np, xm, xs, kb, pm, np);
-                else if (mt == 3) f32_tiles_n<3>(pw, ldw, np, xm, xs, kb, pm, np);
-                else if (mt == 2) f32_tiles_n<2>(pw, ldw, np, xm, xs, kb, pm, np);
-                else f32_tiles_n<1>(pw, ldw, np, xm, xs, kb, pm, np);
-            }
+    float* panel = scratch;                              // (K, 16)
+    float* part = scratch + kPanelCols * K;              // (M, 16)
+    for (int64_t n0 = nb; n0 < ne; n0 += kPanelCols) {
+        const int64_t cols = std::min<int64_t>(kPanelCols, ne - n0);
+        build_panel(w, n0, cols, K, panel);
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) outer_tile<6>(panel, K, x + m * xs, xs, part + m * kPanelCols);
+        switch (M - m) {
+            case 5: outer_tile<5>(panel, K, x + m * xs, xs, part + m * kPanelCols); break;
+            case 4: outer_tile<4>(panel, K, x + m * xs, xs, part + m * kPanelCols); break;
+            case 3: outer_tile<3>(panel, K, x + m * xs, xs, part + m * kPanelCols); break;
+            case 2: outer_tile<2>(panel, K, x + m * xs, xs, part + m * kPanelCols); break;
+            case 1: outer_tile<1>(panel, K, x + m * xs, xs, part + m * kPanelCols); break;
+            default: break;
         }
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < np; ++j)
-                y[m * ys + n0 + j] = ep.apply(part[m * np + j], n0 + j, y[m * ys + n0 + j]);
+        for (int64_t mm = 0; mm < M; ++mm) {
+            int64_t j = 0;
+#if NEMOH_AVX2
+            for (; j + 8 <= cols; j += 8) ep.apply8(_mm256_loadu_ps(part + mm * kPanelCols + j), n0 + j, y + mm * ys + n0 + j);
+#endif
+            for (; j < cols; ++j) y[mm * ys + n0 + j] = ep.apply(part[mm * kPanelCols + j], n0 + j, y[mm * ys + n0 + j]);
+        }
     }
 }
 
-// y[m, n] for m < M and n in [nb, ne); `scratch`: gemm_scratch_floats(M) floats, used when M > 4.
-static inline void linear_range(const Weight& w, const float* x, int64_t xs, int64_t M, int64_t nb, int64_t ne,
+// y[m, n] for m < M and n in [nb, ne), the weight in its plain layout; `scratch`: gemm_scratch_floats(M, K)
+// floats, used when M > 4.
+static inline void plain_range(const Weight& w, const float* x, int64_t xs, int64_t M, int64_t nb, int64_t ne,
                                 float* y, int64_t ys, const Epilogue& ep, float* scratch) {
     with_rows(w, [&](const auto& r) {
         using R = std::decay_t<decltype(r)>;

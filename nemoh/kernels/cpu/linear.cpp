@@ -1,7 +1,7 @@
 // nemoh_linear: y = epilogue(x @ W^T + bias) over a step's rows, every thread on its share of the features.
 #include <vector>
 
-#include "gemm.h"
+#include "panels.h"
 
 namespace nemoh {
 
@@ -27,13 +27,56 @@ void linear(const LinearArgs& a) {
         int64_t nb, ne;
         split_range(w.n, ith, nth, 16, &nb, &ne);
         if (nb >= ne) return;
-        float* scratch = M > 4 ? thread_scratch(gemm_scratch_floats(M)) : nullptr;
+        float* scratch = M > 4 || (w.format & NEMOH_PANELS) ? thread_scratch(gemm_scratch_floats(M, w.k)) : nullptr;
         linear_range(w, a.x, a.x_stride, M, nb, ne, a.y, a.y_stride, ep, scratch);
     };
     if (M * w.n * w.k < kParallelMinMacs || pool.threads() == 1) body(0, 1);
     else pool.parallel(body);
 }
 
+// The panel layout (NEMOH_PANELS): element (n, k) at [n / 16][k][n % 16], zeros past n.
+int64_t panel_bytes(const Weight& w, int64_t* scale_bytes) {
+    const int64_t panels = (w.n + NEMOH_PANEL - 1) / NEMOH_PANEL;
+    *scale_bytes = w.format == NEMOH_NVFP4 ? panels * (w.k / 16) * NEMOH_PANEL : 0;
+    if (w.format == NEMOH_NVFP4) return panels * w.k * 8;
+    return panels * w.k * NEMOH_PANEL * format_bytes(w.format);
+}
+
+void pack_panels(const Weight& w, void* data, void* scales) {
+    const int64_t panels = (w.n + NEMOH_PANEL - 1) / NEMOH_PANEL, K = w.k;
+    if (w.format == NEMOH_NVFP4) {
+        const uint8_t* src = static_cast<const uint8_t*>(w.data);
+        uint8_t* dst = static_cast<uint8_t*>(data);
+        uint8_t* dscale = static_cast<uint8_t*>(scales);
+        std::memset(dst, 0, panels * K * 8);
+        std::memset(dscale, 0, panels * (K / 16) * NEMOH_PANEL);
+        for (int64_t n = 0; n < w.n; ++n) {
+            const int64_t p = n / NEMOH_PANEL, c = n % NEMOH_PANEL;
+            for (int64_t k = 0; k < K; ++k) {
+                const uint8_t byte = src[n * (K / 2) + k / 2];
+                const uint8_t code = (k & 1) ? (byte >> 4) : (byte & 15);
+                dst[(p * K + k) * 8 + c / 2] |= static_cast<uint8_t>((c & 1) ? code << 4 : code);
+            }
+            for (int64_t kb = 0; kb < K / 16; ++kb)
+                dscale[(p * (K / 16) + kb) * NEMOH_PANEL + c] = w.block_scale[n * (K / 16) + kb];
+        }
+        return;
+    }
+    const int64_t eb = format_bytes(w.format);
+    const char* src = static_cast<const char*>(w.data);
+    char* dst = static_cast<char*>(data);
+    std::memset(dst, 0, panels * K * NEMOH_PANEL * eb);
+    for (int64_t n = 0; n < w.n; ++n) {
+        const int64_t p = n / NEMOH_PANEL, c = n % NEMOH_PANEL;
+        for (int64_t k = 0; k < K; ++k)
+            std::memcpy(dst + ((p * K + k) * NEMOH_PANEL + c) * eb, src + (n * K + k) * eb, eb);
+    }
+}
+
 }  // namespace nemoh
 
-extern "C" void nemoh_linear(const void* args) { nemoh::linear(*static_cast<const LinearArgs*>(args)); }
+extern "C" {
+void nemoh_linear(const void* args) { nemoh::linear(*static_cast<const LinearArgs*>(args)); }
+int64_t nemoh_panel_bytes(const Weight* w, int64_t* scale_bytes) { return nemoh::panel_bytes(*w, scale_bytes); }
+void nemoh_pack_panels(const Weight* w, void* data, void* scales) { nemoh::pack_panels(*w, data, scales); }
+}

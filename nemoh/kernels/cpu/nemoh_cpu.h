@@ -21,6 +21,11 @@ enum {
     NEMOH_FP8 = 3,     // float8_e4m3fn (n, k) with one float32 scale per tensor
     NEMOH_NVFP4 = 4,   // uint8 (n, k/2) E2M1 pairs (element 2i in the low nibble), e4m3 scale (n, k/16), fp32 scale
 };
+// A format | NEMOH_PANELS: the same values re-laid in panels of 16 output features, input-major
+// (nemoh_pack_panels): element (n, k) at [n / 16][k][n % 16]; NVFP4 codes (n / 16, k, 8 bytes: feature 2i in the
+// low nibble of byte i) with its scales (n / 16, k / 16, 16). Features past n in the last panel are zero.
+#define NEMOH_PANELS 0x100
+#define NEMOH_PANEL 16
 
 // Linear epilogues: what happens to each accumulated output value.
 enum {
@@ -230,6 +235,10 @@ typedef struct {
 } PlanEntry;
 
 void nemoh_linear(const void* args);
+// Bytes of the panel layout of `w` (a plain layout): its values, and (NVFP4) its block scales.
+int64_t nemoh_panel_bytes(const Weight* w, int64_t* scale_bytes);
+// Writes `w` (a plain layout) in the panel layout into data (and scales for NVFP4).
+void nemoh_pack_panels(const Weight* w, void* data, void* scales);
 void nemoh_embed(const void* args);
 void nemoh_rmsnorm(const void* args);
 void nemoh_add(const void* args);

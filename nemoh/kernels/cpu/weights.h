@@ -9,6 +9,7 @@ namespace nemoh {
 struct F32Rows {
     const float* p;
     int64_t ld;
+    const void* addr(int64_t n, int64_t k) const { return p + n * ld + k; }
     float get(int64_t n, int64_t k) const { return p[n * ld + k]; }
 #if NEMOH_AVX2
     void load16(int64_t n, int64_t k, __m256& a, __m256& b) const {
@@ -21,6 +22,7 @@ struct F32Rows {
 struct BF16Rows {
     const uint16_t* p;
     int64_t ld;
+    const void* addr(int64_t n, int64_t k) const { return p + n * ld + k; }
     float get(int64_t n, int64_t k) const { return bf16_to_f32(p[n * ld + k]); }
 #if NEMOH_AVX2
     void load16(int64_t n, int64_t k, __m256& a, __m256& b) const {
@@ -33,6 +35,7 @@ struct BF16Rows {
 struct F16Rows {
     const uint16_t* p;
     int64_t ld;
+    const void* addr(int64_t n, int64_t k) const { return p + n * ld + k; }
     float get(int64_t n, int64_t k) const { return f16_to_f32(p[n * ld + k]); }
 #if NEMOH_AVX2
     void load16(int64_t n, int64_t k, __m256& a, __m256& b) const {
@@ -48,6 +51,7 @@ struct FP8Rows {
     const uint8_t* p;
     int64_t ld;
     float scale;
+    const void* addr(int64_t n, int64_t k) const { return p + n * ld + k; }
     static constexpr bool kScaledSum = true;
     float factor() const { return scale * 256.f; }
     float get(int64_t n, int64_t k) const { return kE4M3Table.v[p[n * ld + k]] * scale; }
@@ -70,6 +74,7 @@ struct NVFP4Rows {
     const uint8_t* s;        // (n, k/16) e4m3
     int64_t k;               // in_features
     float scale_2;
+    const void* addr(int64_t n, int64_t kk) const { return p + n * (k >> 1) + (kk >> 1); }
     float block(int64_t n, int64_t kb) const { return kE4M3Table.v[s[n * (k >> 4) + kb]] * scale_2; }
     float get(int64_t n, int64_t kk) const {
         uint8_t byte = p[n * (k >> 1) + (kk >> 1)];
