@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import nemoh.engine.sampler as sampler_module
 from nemoh.engine.sampler import (Sampler, SamplingRow, _row_logprobs, _row_probs, _row_process, compute_logprobs,
                                   greedy_verify, rejection_sample)
 from nemoh.sampling_params import SamplingParams
@@ -164,6 +165,42 @@ def test_top_p_ties_rank_by_token_id():
     expected = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.0, 0.5]])
     torch.testing.assert_close(Sampler.probs(logits, rows), expected)
     torch.testing.assert_close(reference_probs(logits, rows), expected)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_p_among_the_candidates_equals_the_full_sort(monkeypatch, ties):
+    """With 16 candidates out of 300, some rows' nucleus lies among them (the top-k finds it), others' reaches
+    past them (those rows are sorted in full); both equal the reference, ties at the candidates' edge included."""
+    monkeypatch.setattr(sampler_module, "TOP_P_CANDIDATES", 16)
+    sorted_rows = []
+    full_sort = sampler_module._top_p_sorted
+    monkeypatch.setattr(sampler_module, "_top_p_sorted", lambda lg, p: sorted_rows.append(len(lg)) or full_sort(lg, p))
+    params = [SamplingParams(top_p=q, temperature=t) for q, t in
+              [(0.1, 0.3), (0.5, 1.0), (0.9, 0.5), (0.95, 2.0), (0.3, 0.1), (0.99, 1.0), (0.6, 0.2)]]
+    rows = [row(p) for p in params] + [row(SamplingParams(top_p=0.9, top_k=12)), row(SamplingParams(top_p=0.1)),
+                                       row(SamplingParams(top_p=0.5))]
+    logits = mixed_logits(len(rows), ties)
+    # a hundred tied tokens across the candidates' edge, the cut among them: the top-k takes some of them, not
+    # necessarily those of the lowest ids, which the nucleus keeps
+    logits[-2] = -10.0
+    logits[-2, 100:200], logits[-2, 250] = 3.0, 5.0
+    logits[-1] = 1.0                                  # every token tied: the candidates cannot hold the nucleus
+    got, ref = Sampler.probs(logits, rows), reference_probs(logits, rows)
+    assert torch.equal(got > 0, ref > 0)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    assert 0 < sorted_rows[0] < len(rows) - 3
+    assert ref[-2].nonzero()[:, 0].tolist() == [100, 101, 102, 103, 250]
+    assert ref[-1].count_nonzero() == 150 and ref[-1, :150].all()
+
+
+def test_top_p_at_nemotrons_vocabulary_keeps_the_same_tokens_by_candidates_and_by_full_sort():
+    """Over 131072 tokens a float32 sum of probabilities is off by more than the probability of a token at the
+    cut; the masses are summed in float64, so that both ways keep the same tokens."""
+    logits = torch.randn(8, 131072, generator=torch.Generator().manual_seed(0)) * 4
+    top_p = torch.full((8, 1), 0.9, dtype=torch.float64)
+    cut = sampler_module._top_p(logits, top_p)
+    assert torch.equal(cut, sampler_module._top_p_sorted(logits, top_p))
+    assert 100 < int(cut.isfinite().sum(-1).min()) and int(cut.isfinite().sum(-1).max()) < 1000
 
 
 def penalty_rows():
