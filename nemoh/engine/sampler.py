@@ -12,6 +12,7 @@ noise of seeded rows, each from its own generator. The per-row functions at the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -54,12 +55,11 @@ class Sampler:
     # ---- logits processing --------------------------------------------------------------------------
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Penalties and min_tokens. logits: (n, vocab) -> a new (n, vocab) float32 tensor."""
-        logits = logits.float().clone()
+        logits = logits.to(torch.float32, copy=True)
         vocab = logits.shape[1]
         penalised = [i for i, row in enumerate(rows) if row.has_penalties]
         if penalised:
-            index = _index(penalised, logits.device)
-            logits[index] = _apply_penalties(logits[index], [rows[i] for i in penalised])
+            _apply_penalties(logits, penalised, [rows[i] for i in penalised])
         masked = [(i, t) for i, row in enumerate(rows) for t in self._min_tokens_stop_ids(row, vocab)]
         if masked:
             row_ids, token_ids = torch.tensor(masked, device=logits.device).T
@@ -109,8 +109,8 @@ class Sampler:
             tokens[index] = logits[index].argmax(-1)
         if random:
             index = _index(random, logits.device)
-            probs = _random_probs(logits[index], [rows[i].params for i in random])
-            tokens[index] = (probs / self._exponential_noise(probs, [rows[i] for i in random])).argmax(-1)
+            probs = _random_probs(logits[index] if greedy else logits, [rows[i].params for i in random])
+            tokens[index] = probs.div_(self._exponential_noise(probs, [rows[i] for i in random])).argmax(-1)
         return tokens.tolist()
 
     def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -118,16 +118,11 @@ class Sampler:
 
         A seeded row's noise comes from its own generator by `exponential_`, which is what torch.multinomial(probs,
         1) computes the race with, so it draws the tokens it drew by multinomial, whatever else is in the batch.
-        The rows without a seed share the sampler's generator and get theirs in one op, as -log(U) with U uniform
-        in [0, 1): 3 to 4x cheaper than `exponential_` on a CPU, and never 0, so no 0/0 can win the race.
+        The others share the sampler's generator and get theirs in one op, as -log(U) with U uniform in [0, 1):
+        3 to 4x cheaper than `exponential_` on a CPU, and never 0, so no 0/0 can win the race. (The seeded rows'
+        share of it is drawn and overwritten: cheaper than gathering the others.)
         """
-        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-        shared = torch.rand((len(unseeded), probs.shape[1]), generator=self.generator, device=probs.device)
-        if len(unseeded) == len(rows):
-            return shared.log_().neg_()
-        noise = torch.empty_like(probs)
-        if unseeded:
-            noise[_index(unseeded, probs.device)] = shared.log_().neg_()
+        noise = torch.rand(probs.shape, generator=self.generator, device=probs.device).log_().neg_()
         for i, row in enumerate(rows):
             if row.generator is not None:
                 noise[i].exponential_(generator=row.generator)
@@ -153,72 +148,85 @@ def _index(positions: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(positions, dtype=torch.long, device=device)
 
 
-def _token_counts(token_ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """How often each id occurs in each of m id lists -> (m, vocab) float32, by one bincount over the batch.
+def _positions(token_ids: list[list[int]], rows: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Flat positions row * vocab + id in an (n, vocab) tensor of every id of each list -> (num_ids,) int64.
 
-    Each list is offset by its row times (vocab + 1); ids outside the vocabulary fall into the extra column of
-    their row, which is cut off, as the reference's per-row bincount ignores them.
+    token_ids[j] belongs to row rows[j]; ids outside the vocabulary are left out, as the per-row bincount does.
     """
-    m = len(token_ids)
-    flat = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.long, device=device)
-    lengths = torch.tensor([len(ids) for ids in token_ids], dtype=torch.long, device=device)
-    row_of = torch.repeat_interleave(torch.arange(m, device=device), lengths)
-    counts = torch.bincount(row_of * (vocab + 1) + flat.clamp_max(vocab), minlength=m * (vocab + 1))
-    return counts.view(m, vocab + 1)[:, :vocab].float()
+    ids = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.long, device=device)
+    lengths = torch.tensor([len(t) for t in token_ids], dtype=torch.long, device=device)
+    row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long, device=device), lengths)
+    return (row_of * vocab + ids)[ids < vocab]
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Repetition, frequency and presence penalties of m rows. logits: (m, vocab) -> a new (m, vocab).
+def _apply_penalties(logits: torch.Tensor, penalised: list[int], rows: list[SamplingRow]) -> None:
+    """Repetition, frequency and presence penalties of the rows `penalised` of logits (n, vocab), in place.
 
-    A row's disabled penalty is a factor of 1 or a term of 0, which leaves its logits bit for bit unchanged.
+    Only the tokens a row has seen change, so only those are touched: one torch.unique over the flat positions of
+    the batch's output ids counts them, and the prompt ids of the rows with a repetition penalty join them with
+    no count. A row's disabled penalty is a factor of 1 or a term of 0, which leaves its values bit for bit as
+    they are.
     """
     vocab, device = logits.shape[1], logits.device
-    factors = torch.tensor([[row.params.repetition_penalty, row.params.frequency_penalty,
-                             row.params.presence_penalty] for row in rows], dtype=torch.float32, device=device)
-    repetition, frequency, presence = factors.T[:, :, None]
-    counts = _token_counts([row.output_token_ids for row in rows], vocab, device)
-    repeating = [row.params.repetition_penalty != 1.0 for row in rows]
-    if any(repeating):
-        prompts = [row.prompt_token_ids if rep else [] for row, rep in zip(rows, repeating)]
-        seen = (counts > 0) | (_token_counts(prompts, vocab, device) > 0)
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
-    return logits - frequency * counts - presence * (counts > 0).float()
+    outputs = _positions([row.output_token_ids for row in rows], penalised, vocab, device)
+    prompts = _positions([row.prompt_token_ids if row.params.repetition_penalty != 1.0 else [] for row in rows],
+                         penalised, vocab, device)
+    positions, inverse = torch.unique(torch.cat([outputs, prompts]), return_inverse=True)
+    counts = torch.zeros(len(positions), device=device).index_add_(
+        0, inverse[: len(outputs)], torch.ones(len(outputs), device=device))
+    factors = [(1.0, 0.0, 0.0)] * logits.shape[0]         # no penalty: the rows not penalised have no positions
+    for i, row in zip(penalised, rows):
+        factors[i] = (row.params.repetition_penalty, row.params.frequency_penalty, row.params.presence_penalty)
+    repetition, frequency, presence = torch.tensor(factors, device=device)[positions // vocab].T
+    flat = logits.view(-1)
+    values = flat[positions]
+    # every position here was seen (in the output, or in the prompt of a row with a repetition penalty)
+    values = torch.where(values > 0, values / repetition, values * repetition)
+    flat[positions] = values - frequency * counts - presence * (counts > 0).float()
 
 
 def _random_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p of m non-greedy rows. logits: (m, vocab) -> probs (m, vocab).
+    """Temperature, top-k, top-p and min-p of m non-greedy rows. logits: (m, vocab) -> a new probs (m, vocab).
 
-    Each stage runs once over the rows and is skipped when no row uses it; a row that does not use a stage
-    gets a threshold that keeps every token, so it comes out as the reference computes it.
+    Each stage runs once over the rows that use it (skipped when none does); a row that does not use a stage
+    gets a threshold that keeps every token, so it comes out as the reference computes it. From the division
+    by the temperature on, the stages work in place: on a CPU each new (64, 131072) tensor costs fresh pages.
     """
     vocab, device = logits.shape[1], logits.device
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
-    # float64, as the parameters are Python floats; top-p compares the mass in float64 (see `_top_p`)
+    # float64, as the parameters are Python floats; top-p compares the mass in float64 (see `_top_p_`)
     columns = torch.tensor([[p.temperature, p.top_p, p.min_p, k] for p, k in zip(params, top_k)],
                            dtype=torch.float64, device=device)
     temperature, top_p, min_p, k = columns.T[:, :, None]
-    temperature, min_p = temperature.float(), min_p.float()
-    logits = logits / temperature
+    logits = logits / temperature.float()
     if any(top_k):
         # the k-th largest logit (ties counted) from one top-k over the batch: cheaper than a sort of the vocab
         kth = logits.topk(max(top_k), dim=-1).values.gather(1, (k.long() - 1).clamp_min(0))
-        logits = logits.masked_fill(logits < kth.masked_fill(k == 0, float("-inf")), float("-inf"))
-    top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    if top_p_rows:
-        # only the rows with top-p pay for it
-        every = len(top_p_rows) == len(params)
-        index = None if every else _index(top_p_rows, device)
-        cut = _top_p(logits if every else logits[index], top_p if every else top_p[index])
-        logits = cut if every else logits.index_copy(0, index, cut)
+        logits.masked_fill_(logits < kth.masked_fill(k == 0, float("-inf")), float("-inf"))
+    _update_rows_(logits, [i for i, p in enumerate(params) if p.top_p < 1.0], _top_p_, top_p)
     probs = logits.softmax(-1)
-    if any(p.min_p > 0.0 for p in params):
-        kept = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
-        probs = torch.where(min_p > 0.0, kept / kept.sum(-1, keepdim=True), probs)
+    _update_rows_(probs, [i for i, p in enumerate(params) if p.min_p > 0.0], _min_p_, min_p.float())
     return probs
 
 
-def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits: (m, vocab), top_p: (m, 1) -> logits with the tokens outside each row's nucleus at -inf.
+def _update_rows_(x: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  column: torch.Tensor) -> None:
+    """x[rows] = fn(x[rows], column[rows]) in place; x (m, vocab), column (m, 1). Without copies for all rows."""
+    if len(rows) == x.shape[0]:
+        fn(x, column)
+    elif rows:
+        index = _index(rows, x.device)
+        x.index_copy_(0, index, fn(x[index], column[index]))
+
+
+def _min_p_(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop the tokens less likely than min_p times the row's most likely one, renormalise; in place, returned."""
+    probs.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs.div_(probs.sum(-1, keepdim=True))
+
+
+def _top_p_(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set the tokens outside each row's nucleus to -inf, in place, and return logits (m, vocab).
 
     A token is dropped when the tokens strictly before it already reach top_p (the first is always kept);
     equal logits rank by token id, so the cut is the same on every device and in every batch. The masses are
@@ -230,7 +238,7 @@ def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """
     num = TOP_P_CANDIDATES
     if logits.shape[1] <= 2 * num:
-        return _top_p_sorted(logits, top_p)
+        return _top_p_sorted_(logits, top_p)
     values, ids = logits.topk(num, dim=-1)
     # 1. the candidates in the order of the full sort: value descending, equal values by id
     ids, by_id = ids.sort(dim=-1)
@@ -243,19 +251,21 @@ def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     #    then so is every token at or below that value, candidate or not (ties with it may have been left out)
     num_above = (values > values[:, -1:]).sum(-1, keepdim=True)
     held = drop.gather(1, num_above)[:, 0]
-    cut = torch.full_like(logits, float("-inf")).scatter(1, ids, values.masked_fill(drop, float("-inf")))
-    if bool(held.all()):
-        return cut
-    rest = (~held).nonzero()[:, 0]
-    return cut.index_copy(0, rest, _top_p_sorted(logits[rest], top_p[rest]))
+    rest = None if bool(held.all()) else (~held).nonzero()[:, 0]
+    if rest is not None:                          # sorted in full before the candidates overwrite the rows
+        sorted_rest = _top_p_sorted_(logits[rest], top_p[rest])
+    logits.fill_(float("-inf")).scatter_(1, ids, values.masked_fill_(drop, float("-inf")))
+    if rest is not None:
+        logits.index_copy_(0, rest, sorted_rest)
+    return logits
 
 
-def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """`_top_p` by one stable sort of the whole vocabulary. logits: (m, vocab), top_p: (m, 1)."""
+def _top_p_sorted_(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`_top_p_` by one stable sort of the whole vocabulary, in place. logits: (m, vocab), top_p: (m, 1)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     sorted_probs = sorted_logits.double().softmax(-1)
     drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.scatter_(1, order, sorted_logits.masked_fill_(drop, float("-inf")))
 
 
 # ---- logprobs ---------------------------------------------------------------------------------------
@@ -327,7 +337,7 @@ def _row_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, stable=True)   # equal logits rank by id
-        sorted_probs = torch.softmax(sorted_logits.double(), dim=-1)      # float64: see `_top_p`
+        sorted_probs = torch.softmax(sorted_logits.double(), dim=-1)      # float64: see `_top_p_`
         # drop a token when the tokens strictly before it already reach top_p (the first is always kept)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))

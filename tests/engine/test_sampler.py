@@ -150,6 +150,7 @@ def test_batched_probs_equal_the_per_row_reference(ties):
     rows = [row(p) for p in MIXED]
     logits = mixed_logits(len(rows), ties)
     got, ref = Sampler.probs(logits, rows), reference_probs(logits, rows)
+    assert torch.equal(logits, mixed_logits(len(rows), ties))      # the stages work in place on their own copy
     assert torch.equal(got > 0, ref > 0)                 # the same tokens survive every filter, ties included
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
     # a batch of one kind only (no greedy, no random rows) and a single row take other branches
@@ -173,8 +174,8 @@ def test_top_p_among_the_candidates_equals_the_full_sort(monkeypatch, ties):
     past them (those rows are sorted in full); both equal the reference, ties at the candidates' edge included."""
     monkeypatch.setattr(sampler_module, "TOP_P_CANDIDATES", 16)
     sorted_rows = []
-    full_sort = sampler_module._top_p_sorted
-    monkeypatch.setattr(sampler_module, "_top_p_sorted", lambda lg, p: sorted_rows.append(len(lg)) or full_sort(lg, p))
+    full_sort = sampler_module._top_p_sorted_
+    monkeypatch.setattr(sampler_module, "_top_p_sorted_", lambda lg, p: sorted_rows.append(len(lg)) or full_sort(lg, p))
     params = [SamplingParams(top_p=q, temperature=t) for q, t in
               [(0.1, 0.3), (0.5, 1.0), (0.9, 0.5), (0.95, 2.0), (0.3, 0.1), (0.99, 1.0), (0.6, 0.2)]]
     rows = [row(p) for p in params] + [row(SamplingParams(top_p=0.9, top_k=12)), row(SamplingParams(top_p=0.1)),
@@ -198,15 +199,15 @@ def test_top_p_at_nemotrons_vocabulary_keeps_the_same_tokens_by_candidates_and_b
     cut; the masses are summed in float64, so that both ways keep the same tokens."""
     logits = torch.randn(8, 131072, generator=torch.Generator().manual_seed(0)) * 4
     top_p = torch.full((8, 1), 0.9, dtype=torch.float64)
-    cut = sampler_module._top_p(logits, top_p)
-    assert torch.equal(cut, sampler_module._top_p_sorted(logits, top_p))
+    cut = sampler_module._top_p_(logits.clone(), top_p)
+    assert torch.equal(cut, sampler_module._top_p_sorted_(logits.clone(), top_p))
     assert 100 < int(cut.isfinite().sum(-1).min()) and int(cut.isfinite().sum(-1).max()) < 1000
 
 
 def penalty_rows():
     """Rows with every penalty alone and combined, ids outside the vocabulary, and min_tokens on and off."""
     prompt = [3, 4, 4, VOCAB + 7, 250]
-    output = [1, 1, 1, 5, 4, 299]
+    output = [1, 1, 1, 5, 4, 299, VOCAB + 3]
     return [
         row(SamplingParams()),
         row(SamplingParams(repetition_penalty=1.3), prompt, output),
@@ -227,7 +228,7 @@ def test_batched_process_equals_the_per_row_reference():
     logits = mixed_logits(len(rows), ties=False)
     got = s.process(logits, rows)
     ref = torch.stack([_row_process(logits[i], r, s.eos_token_ids) for i, r in enumerate(rows)])
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref) and torch.equal(logits, mixed_logits(len(rows), ties=False))
     assert not torch.equal(got, logits)               # the rows above do change the logits
     assert torch.equal(s.process(logits[:1], rows[:1]), logits[:1])
 
