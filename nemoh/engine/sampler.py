@@ -106,7 +106,7 @@ class Sampler:
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if greedy:
             index = _index(greedy, logits.device)
-            tokens[index] = logits[index].argmax(-1)
+            tokens[index] = (logits[index] if random else logits).argmax(-1)
         if random:
             index = _index(random, logits.device)
             probs = _random_probs(logits[index] if greedy else logits, [rows[i].params for i in random])
