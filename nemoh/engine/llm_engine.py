@@ -189,7 +189,7 @@ class LLMEngine:
         for seq in batch.failed:
             self._fail_unfittable(seq)
         if not batch.is_empty:
-            drafts = [self._postprocess_isolated(r) for r in self._run(batch.scheduled)]
+            drafts = self._postprocess_all(self._run(batch.scheduled))
             self._propose([d for d in drafts if d is not None and not d.seq.is_finished])
         return [self._output(req) for req in touched.values()]
 
@@ -198,12 +198,55 @@ class LLMEngine:
                                                f"({self.block_manager.num_blocks} blocks of {self.args.block_size})")
         self._release(seq)
 
-    def _postprocess_isolated(self, r: SeqResult) -> DraftRequest | None:
+    def _postprocess_all(self, results: list[SeqResult]) -> list[DraftRequest | None]:
+        """Sample the step's plain rows together, then postprocess (and verify) each sequence on its own."""
+        sampled = self._sample_plain(results)
+        return [self._postprocess_isolated(r, sampled.get(r.scheduled.seq.seq_id)) for r in results]
+
+    def _sample_plain(self, results: list[SeqResult]) -> dict[int, tuple[list[int], list | None]]:
+        """{seq_id: ([token], [logprobs] or None)} for every sequence that samples one token with no drafts to
+        verify: one batched sampler call for the rows that need more than the batch's argmax, one logprobs call.
+
+        When a call fails, what it should have given is left to `_postprocess` of each sequence (empty when the
+        sampling failed, no logprobs when they did), so that a failure stays with its request.
+        """
+        plain = [r for r in results
+                 if r.logits is not None and not r.scheduled.num_draft_tokens and not r.scheduled.seq.is_finished]
+        if not plain:
+            return {}
+        seqs = [r.scheduled.seq for r in plain]
+        tokens = [r.argmax[0] if r.argmax is not None and _needs_no_processing(seq) else None
+                  for r, seq in zip(plain, seqs)]
+        todo = [i for i, t in enumerate(tokens) if t is None]
+        if todo:
+            rows = [SamplingRow(seqs[i].params, seqs[i].prompt_token_ids, seqs[i].output_token_ids, seqs[i].generator)
+                    for i in todo]
+            try:
+                todo_tokens = self.sampler.sample(torch.cat([plain[i].logits for i in todo]), rows)
+            except Exception:
+                logger.exception("batched sampling failed; sampling each sequence on its own")
+                return {}
+            for i, t in zip(todo, todo_tokens):
+                tokens[i] = t
+        logprobs = [None] * len(plain)
+        want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        if want:
+            try:
+                entries = compute_logprobs(torch.cat([plain[i].logits for i in want]), [tokens[i] for i in want],
+                                           [seqs[i].params.logprobs for i in want])
+            except Exception:
+                logger.exception("batched logprobs failed; computing each sequence's on its own")
+            else:
+                for i, entry in zip(want, entries):
+                    logprobs[i] = [entry]
+        return {seq.seq_id: ([t], lp) for seq, t, lp in zip(seqs, tokens, logprobs)}
+
+    def _postprocess_isolated(self, r: SeqResult, sampled: tuple[list[int], list | None] | None) -> DraftRequest | None:
         req = self.requests[r.scheduled.seq.request_id]
         if r.scheduled.seq.is_finished:      # failed with a sibling completion earlier in this step
             return None
         try:
-            return self._postprocess(r)
+            return self._postprocess(r, sampled)
         except Exception as e:  # one request's failure must not take the others down
             logger.exception("request %s failed", req.request_id)
             self.fail_request(req.request_id, f"{type(e).__name__}: {e}")
@@ -254,13 +297,17 @@ class LLMEngine:
             self.runner.rollback_mamba_state(r.scheduled.seq, r.intermediate, accepted)
         return tokens, 1 + accepted
 
-    def _postprocess(self, r: SeqResult) -> DraftRequest | None:
+    def _postprocess(self, r: SeqResult, sampled: tuple[list[int], list | None] | None) -> DraftRequest | None:
+        """sampled: this sequence's tokens and logprobs from `_sample_plain`, or None to sample (or verify) here."""
         seq = r.scheduled.seq
-        tokens, num_computed = self._sample(r)
+        if sampled is None:
+            tokens, num_computed = self._sample(r)
+            logprobs = None
+        else:
+            (tokens, logprobs), num_computed = sampled, r.scheduled.num_new_tokens
         seq.num_computed_tokens = r.start + num_computed
         seq.draft_token_ids = []
-        logprobs = None
-        if tokens and seq.params.logprobs is not None:
+        if tokens and logprobs is None and seq.params.logprobs is not None:
             logprobs = compute_logprobs(r.logits[: len(tokens)], tokens, [seq.params.logprobs] * len(tokens))
         for i, t in enumerate(tokens):
             self._append_token(seq, t, logprobs[i] if logprobs else None)

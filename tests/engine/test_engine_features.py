@@ -3,6 +3,8 @@ import pytest
 import torch
 from engine_helpers import PROMPTS, assert_idle, greedy
 
+from nemoh.engine import llm_engine
+from nemoh.engine.sampler import compute_logprobs
 from nemoh.sampling_params import SamplingParams
 
 
@@ -180,3 +182,42 @@ def test_enforce_eager_is_an_engine_arg():
     assert EngineArgs().enforce_eager is False and EngineArgs(enforce_eager=True).enforce_eager is True
     with pytest.raises(ValueError, match="enforce_eager"):
         EngineArgs(enforce_eager="yes")
+
+
+@pytest.mark.parametrize("failing", ["sampling", "logprobs"])
+def test_a_failing_row_of_the_batched_sampler_fails_only_its_request(llm, greedy_ref, monkeypatch, failing):
+    """The rows of a step are sampled (and their logprobs taken) in one call; when it fails, each sequence does it
+    on its own, so the others keep their outputs (a seeded one its tokens) and only the failing request errors."""
+    engine = llm.engine
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=8, ignore_eos=True, logprobs=2)
+    alone = llm.generate([PROMPTS[0]], seeded)[0].outputs[0]
+    bad = SamplingParams(temperature=0.8, presence_penalty=0.25, max_tokens=8, ignore_eos=True, logprobs=5)
+    calls = []
+    if failing == "sampling":
+        process = engine.sampler.process
+
+        def faulty(logits, rows):
+            calls.append(len(rows))
+            if any(r.params is bad for r in rows) and len(calls) > 3:
+                raise RuntimeError("injected")
+            return process(logits, rows)
+
+        monkeypatch.setattr(engine.sampler, "process", faulty)
+    else:
+        def faulty(logits, token_ids, num_top):
+            calls.append(len(token_ids))
+            if bad.logprobs in num_top and len(calls) > 3:
+                raise RuntimeError("injected")
+            return compute_logprobs(logits, token_ids, num_top)
+
+        monkeypatch.setattr(llm_engine, "compute_logprobs", faulty)
+    out = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [seeded, bad, greedy(8)])
+    assert out[0].outputs[0].token_ids == alone.token_ids
+    # the same tokens; their logprobs only as close as the logits of a batch and of one sequence are
+    for got, ref in zip(out[0].outputs[0].logprobs, alone.logprobs, strict=True):
+        assert list(got) == list(ref) and all(abs(got[t].logprob - ref[t].logprob) < 1e-5 for t in got)
+    assert out[1].outputs[0].finish_reason == "error" and "injected" in out[1].error
+    assert len(out[1].outputs[0].token_ids) >= 1
+    assert out[2].outputs[0].token_ids == greedy_ref[2][:8]
+    assert max(calls) == 2                           # the seeded and the bad row, in one batched call
+    assert_idle(engine)
