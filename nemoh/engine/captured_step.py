@@ -24,6 +24,7 @@ from nemoh.engine.scheduler import ScheduledSeq
 from nemoh.engine.sequence import Sequence
 from nemoh.kernels import cpu_library
 from nemoh.kernels.cpu_plan import PlanCaches, StackPlan, plan_supports
+from nemoh.kernels.linear_cpu import Panels
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +110,20 @@ class CapturedSteps:
         self.k = k
         self.max_seqs = max_seqs
         backbone = model.backbone
-        self.plans: dict[str, StackPlan] = {
-            "decode": StackPlan(model, backbone.layers, backbone.norm_f, caches, max_seqs, 1, max_blocks)}
+        self.panels = Panels(cpu_library.library())       # the weights in the kernels' layout, shared by the plans
+        plan = lambda layers, final, q, **kw: StackPlan(model, layers, final, caches, max_seqs, q, max_blocks,  # noqa
+                                                        panels=self.panels, **kw)
+        self.plans: dict[str, StackPlan] = {"decode": plan(backbone.layers, backbone.norm_f, 1)}
         if k:
-            self.plans["verify"] = StackPlan(model, backbone.layers, backbone.norm_f, caches, max_seqs, 1 + k,
-                                             max_blocks, save_states=True)
+            self.plans["verify"] = plan(backbone.layers, backbone.norm_f, 1 + k, save_states=True)
             mtp = model.mtp
             final = mtp.layers[-1].final_layernorm
-            self.plans["mtp_first"] = StackPlan(model, mtp.layers, final, caches, max_seqs, 1 + k, max_blocks,
-                                                mtp=mtp, select_rows=True)
-            self.plans["mtp_next"] = StackPlan(model, mtp.layers, final, caches, max_seqs, 1, max_blocks,
-                                               mtp=mtp)
+            self.plans["mtp_first"] = plan(mtp.layers, final, 1 + k, mtp=mtp, select_rows=True)
+            self.plans["mtp_next"] = plan(mtp.layers, final, 1, mtp=mtp)
         self.inputs = {name: _PlanInputs(plan, self.block_size) for name, plan in self.plans.items()}
-        calls = ", ".join(f"{name} {plan.count}" for name, plan in self.plans.items())
-        logger.info("nemoh captured steps: native CPU plans for up to %d sequences (kernel calls per replay: %s)",
-                    max_seqs, calls)
+        calls = ", ".join(f"{name} {p.count}" for name, p in self.plans.items())
+        logger.info("nemoh captured steps: native CPU plans for up to %d sequences (kernel calls per replay: %s); "
+                    "weights re-laid for the kernels: %.3f GiB", max_seqs, calls, self.panels.nbytes / 2 ** 30)
 
     @classmethod
     def create(cls, model: torch.nn.Module, runner, args, max_model_len: int):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nemoh.kernels import cpu_library as C
-from nemoh.kernels.linear_cpu import supports, weight_descriptor
+from nemoh.kernels.linear_cpu import Panels, supports
 from nemoh.models.attention import Attention
 from nemoh.models.linear import Linear
 from nemoh.models.mamba2 import Mamba2Mixer
@@ -75,10 +75,12 @@ class StackPlan:
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, final_norm: nn.Module, caches: "PlanCaches",
                  max_seqs: int, q: int, max_blocks: int, save_states: bool = False, mtp: nn.Module | None = None,
-                 select_rows: bool = False, lib: C.CpuLibrary | None = None):
+                 select_rows: bool = False, panels: Panels | None = None, lib: C.CpuLibrary | None = None):
         self.lib = lib or C.library()
         if self.lib is None:
             raise RuntimeError("the native CPU kernels are not available")
+        # every weight as the kernels read it fastest (one copy per weight, shared by an engine's plans)
+        self.panels = panels or Panels(self.lib)
         cfg = model.config
         self.model, self.q, self.max_seqs = model, q, max_seqs
         self.round = C.ROUNDING[model.dtype]
@@ -198,10 +200,7 @@ class StackPlan:
     def _linear(self, x: torch.Tensor, y: torch.Tensor, module: nn.Module, epilogue: int = C.STORE,
                 y_offset: int = 0) -> None:
         bias = getattr(module, "bias", None)
-        if bias is not None:
-            w = weight_descriptor(module, module.weight, self._f32(bias))
-        else:
-            w = weight_descriptor(module)
+        w = self.panels.descriptor(module, self._f32(bias) if bias is not None else None)
         # the tensors the descriptor points at stay alive with the plan, even if the module is later re-pointed
         self.entries.hold([t for t in module.buffers()] + [t for t in module.parameters()])
         self._add("nemoh_linear", C.LinearArgs, shape=self._shape_ptr, rows=0, x=x.data_ptr(),
@@ -295,10 +294,11 @@ class StackPlan:
         weights = self._buf("moe_weights", rows, k)
         # 1. router logits in float32 whatever the model dtype (TopKRouter keeps its weight float32)
         router = self.entries.hold(f32(gate.weight))
+        plain = C.Weight(format=C.FORMAT_F32, n=m.num_experts, k=h, data=router.data_ptr(), scale=1.0)
+        packed, tensors = self.lib.pack_panels(plain)
+        self.entries.hold(tensors)
         self._add("nemoh_linear", C.LinearArgs, shape=self._shape_ptr, rows=0, x=self.xn.data_ptr(), x_stride=h,
-                  y=logits.data_ptr(), y_stride=m.num_experts,
-                  w=C.Weight(format=C.FORMAT_F32, n=m.num_experts, k=h, data=router.data_ptr(), scale=1.0),
-                  epilogue=C.STORE, round=C.ROUND_NONE)
+                  y=logits.data_ptr(), y_stride=m.num_experts, w=packed, epilogue=C.STORE, round=C.ROUND_NONE)
         self._add("nemoh_route", C.RouteArgs, shape=self._shape_ptr, rows=0, logits=logits.data_ptr(),
                   logits_stride=m.num_experts, bias=self._f32(gate.e_score_correction_bias).data_ptr(),
                   num_experts=m.num_experts, top_k=k, n_group=gate.n_group, topk_group=gate.topk_group,
@@ -312,8 +312,8 @@ class StackPlan:
         routed = self._buf("moe_routed", rows, width)
         if m._projections()[2]:
             m._stacked_weights()     # the eager path's stacked copy first: the descriptors point into it
-        ups = (C.Weight * m.num_experts)(*[weight_descriptor(e.up_proj) for e in m.experts])
-        downs = (C.Weight * m.num_experts)(*[weight_descriptor(e.down_proj) for e in m.experts])
+        ups = (C.Weight * m.num_experts)(*[self.panels.descriptor(e.up_proj) for e in m.experts])
+        downs = (C.Weight * m.num_experts)(*[self.panels.descriptor(e.down_proj) for e in m.experts])
         self.entries.hold((ups, downs, [t for e in m.experts for t in list(e.parameters()) + list(e.buffers())]))
         self._add("nemoh_experts", C.ExpertsArgs, shape=self._shape_ptr, rows=0, u=u.data_ptr(), u_stride=width,
                   ids=ids.data_ptr(), weights=weights.data_ptr(), top_k=k, up=ctypes.addressof(ups),

@@ -44,7 +44,7 @@ static void experts(const ExpertsArgs& a) {
         float* rows_in = sum + R * L;
         float* hidden = rows_in + most * L;
         float* rows_out = hidden + most * I;
-        float* gemm = most > 4 ? thread_scratch(gemm_scratch_floats(most, std::max(L, I)), 0) : nullptr;
+        float* gemm = thread_scratch(gemm_scratch_floats(most, std::max(L, I)), 0);
         std::fill(sum, sum + R * L, 0.f);
         sums[ith] = sum;
         for (int64_t t; (t = next.fetch_add(1)) < static_cast<int64_t>(active.size());) {
