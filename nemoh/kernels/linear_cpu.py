@@ -19,9 +19,9 @@ from nemoh.quant.linear import FP8Linear, NVFP4Linear
 
 
 def weight_descriptor(module: nn.Module, weight: torch.Tensor | None = None,
-                      bias: torch.Tensor | None = None) -> C.Weight:
-    """The kernels' view of a linear module's weight (or of an explicit `weight` / `bias` pair). The caller
-    keeps the module alive; a float32 bias is required (`float_bias`)."""
+                      bias: torch.Tensor | None = None, own_bias: bool = True) -> C.Weight:
+    """The kernels' view of a linear module's weight (or of an explicit `weight` / `bias` pair; with own_bias
+    False, no bias at all). The caller keeps the module alive; a bias must be float32."""
     if isinstance(module, NVFP4Linear):
         w = module.weight
         return C.Weight(format=C.FORMAT_NVFP4, n=module.out_features, k=module.in_features, data=w.data_ptr(),
@@ -32,7 +32,7 @@ def weight_descriptor(module: nn.Module, weight: torch.Tensor | None = None,
                         data=module.weight.data_ptr(), block_scale=None, scale=float(module.weight_scale),
                         bias=None)
     weight = module.weight if weight is None else weight
-    if bias is None and weight is module.weight:
+    if bias is None and weight is module.weight and own_bias:
         bias = getattr(module, "bias", None)
     if weight.dim() != 2 or not weight.is_contiguous() or weight.dtype not in C.DTYPE_FORMATS:
         raise ValueError(f"no native product for a weight {weight.dtype} {tuple(weight.shape)}")
@@ -43,24 +43,51 @@ def weight_descriptor(module: nn.Module, weight: torch.Tensor | None = None,
 
 
 class Panels:
-    """Weights re-laid in the kernels' panel layout (`CpuLibrary.pack_panels`), one copy per weight tensor, made
-    on first request: batched products read them with no transposition at run time. Keyed by the module's weight
-    (data pointer, shape, dtype), so a replaced or moved weight gets a new copy."""
+    """Weights re-laid in the kernels' panel layout (`CpuLibrary.pack_panels`): one copy per weight, made on first
+    request and kept on the module (so an engine's plans and the eager products share it); batched products read
+    them with no transposition at run time. A replaced or moved weight gets a new copy."""
 
     def __init__(self, lib: C.CpuLibrary):
         self.lib = lib
-        self._made: dict[tuple, tuple[C.Weight, tuple]] = {}
+        self.modules: list[nn.Module] = []
 
     def descriptor(self, module: nn.Module, bias: torch.Tensor | None = None) -> C.Weight:
-        plain = weight_descriptor(module, None if bias is None else module.weight, bias)
-        key = (plain.format, plain.n, plain.k, plain.data, plain.block_scale, plain.bias)
-        if key not in self._made:
-            self._made[key] = self.lib.pack_panels(plain)
-        return self._made[key][0]
+        return panel_descriptor(module, bias, self.lib, self.modules)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() for _, tensors in self._made.values() for t in tensors)
+        return sum(t.numel() for m in self.modules for t in m._nemoh_panels[2])
+
+
+def panel_descriptor(module: nn.Module, bias: torch.Tensor | None, lib: C.CpuLibrary,
+                     made: list | None = None) -> C.Weight:
+    """The module's weight in the panel layout (packed on first use, kept as `module._nemoh_panels`)."""
+    plain = weight_descriptor(module, own_bias=False)
+    key = (plain.format, plain.n, plain.k, plain.data, plain.block_scale)
+    cached = getattr(module, "_nemoh_panels", None)
+    if cached is None or cached[0] != key:
+        packed, tensors = lib.pack_panels(plain)
+        cached = (key, packed, tensors)
+        module._nemoh_panels = cached
+    if made is not None and module not in made:
+        made.append(module)
+    out = C.Weight.from_buffer_copy(cached[1])       # the bias is the caller's (a float32 copy it keeps)
+    out.bias = C.ptr(bias)
+    return out
+
+
+def panel_linear(x: torch.Tensor, module: nn.Module, lib: C.CpuLibrary) -> torch.Tensor:
+    """module(x) on the native panel product: x (..., in) float32 / bfloat16 / float16 -> (..., out) in x's dtype,
+    each output rounded as that dtype stores it (the module's bias, if any, in float32)."""
+    bias = getattr(module, "bias", None)
+    w = panel_descriptor(module, None if bias is None else bias.detach().float().contiguous(), lib)
+    rows = x.reshape(-1, w.k)
+    x32 = rows.float().contiguous()
+    out = torch.empty(x32.shape[0], w.n, dtype=torch.float32)
+    args = C.LinearArgs(shape=None, rows=x32.shape[0], x=x32.data_ptr(), x_stride=w.k, y=out.data_ptr(),
+                        y_stride=w.n, w=w, epilogue=C.STORE, round=C.ROUNDING[x.dtype])
+    lib.call("nemoh_linear", args)
+    return out.to(x.dtype).view(*x.shape[:-1], w.n)
 
 
 def supports(module: nn.Module) -> bool:

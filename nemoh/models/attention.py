@@ -8,7 +8,7 @@ from torch import nn
 from nemoh.config import NemotronHConfig
 from nemoh.models.forward_context import ForwardContext, StepContext, consecutive_span
 from nemoh.models.fused import SharedWeight
-from nemoh.models.linear import Linear, PackedWeight
+from nemoh.models.linear import Linear, PackedWeight, _native_panels
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -46,7 +46,7 @@ class Attention(nn.Module):
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Inference with dense projections: one matmul for q, k and v together (fewer, larger products)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if torch.is_grad_enabled() or any(type(p) is not Linear for p in projs):
+        if torch.is_grad_enabled() or any(type(p) is not Linear for p in projs) or _native_panels(x, x.new_empty(0)):
             return tuple(p(x) for p in projs)
         weight = self._qkv_weight.get([p.weight for p in projs])
         bias = self._qkv_bias.get([p.bias for p in projs]) if self.q_proj.bias is not None else None

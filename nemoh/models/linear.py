@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemoh.kernels import cpu_library
+
 
 def _packing_available() -> set[torch.dtype]:
     """The dtypes oneDNN multiplies well on this CPU (bfloat16 only where the CPU has bfloat16 arithmetic:
@@ -103,11 +105,27 @@ def packed_bytes_estimate(model: nn.Module) -> int:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` with the packed CPU inference product; the same parameters, state dict and training."""
+    """`nn.Linear` with the packed CPU inference products; the same parameters, state dict and training.
+
+    bfloat16 / float16 weights on a CPU multiply through nemoh's native panel product (nemoh.kernels.linear_cpu),
+    which reads them converted in registers: PyTorch's own product in these dtypes is 3-5x slower than in
+    float32 on a CPU without bfloat16 arithmetic (a 512-token prefill of `benchmarks/engine_vs_llamacpp.py`'s
+    47M model). float32 keeps oneDNN's packed product."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.packed_weight = PackedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native_panels(x, self.weight):
+            from nemoh.kernels.linear_cpu import panel_linear
+
+            return panel_linear(x, self, cpu_library.library())
         return self.packed_weight.linear(x, self.weight, self.bias)
+
+
+def _native_panels(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an inference product with this bfloat16 / float16 weight goes to the native panel kernels."""
+    return (weight.dtype in (torch.bfloat16, torch.float16) and x.dtype is weight.dtype
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and cpu_library.library() is not None)

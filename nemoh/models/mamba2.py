@@ -58,8 +58,18 @@ class Mamba2Mixer(nn.Module):
         k-1 columns are the new conv state.
         """
         padded = torch.cat([prev.to(xbc.dtype), xbc.t()], dim=1)
-        out = F.conv1d(padded[None], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)[0]
+        out = self._depthwise(padded[None], 0)[0]
         return F.silu(out.t()), padded
+
+    def _depthwise(self, x: torch.Tensor, padding: int) -> torch.Tensor:
+        """The depthwise conv1d of x (b, conv_dim, t), computed in float32 on a CPU and cast back: PyTorch's CPU
+        depthwise conv in bfloat16 / float16 loops over the channels one at a time (6 Mamba layers of 1280 channels
+        took 130 ms of a 512-token prefill, against ~5 ms in float32)."""
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+            bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+            out = F.conv1d(x.float(), self.conv1d.weight.float(), bias, padding=padding, groups=self.conv_dim)
+            return out.to(x.dtype)
+        return F.conv1d(x, self.conv1d.weight, self.conv1d.bias, padding=padding, groups=self.conv_dim)
 
     def _discretize(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -100,8 +110,7 @@ class Mamba2Mixer(nn.Module):
     def _scan_fresh(self, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor):
         """Equal-length sequences from empty state: xbc (b, conv_dim, t) -> y (b, t, h, p), final state."""
         t = xbc.shape[-1]
-        conv = F.conv1d(xbc, self.conv1d.weight, self.conv1d.bias, padding=self.conv_kernel - 1,
-                        groups=self.conv_dim)[..., :t]                                          # 2.
+        conv = self._depthwise(xbc, self.conv_kernel - 1)[..., :t]                              # 2.
         return self._scan(F.silu(conv.transpose(1, 2)), dt, A, None)                            # 4.
 
     def _forward_uncached(self, xbc, dt, A, ctx: ForwardContext, y: torch.Tensor) -> None:

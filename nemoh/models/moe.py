@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemoh.config import NemotronHConfig
+from nemoh.kernels import cpu_library
 from nemoh.kernels.triton_support import HAVE_TRITON
 from nemoh.models.fused import SharedWeight
 from nemoh.models.linear import Linear
@@ -97,10 +98,17 @@ class LatentMoE(nn.Module):
         return routed + self.shared_experts(x)                                               # 5.
 
     def _run_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(num_tokens, width): each token's weighted sum over its experts' outputs."""
+        """(num_tokens, width): each token's weighted sum over its experts' outputs. Inference takes the fused
+        Triton kernels on a GPU and the native kernel on a CPU (nemoh/kernels/moe_cpu.py) where they are
+        available; the PyTorch paths below are the reference and train the model."""
         fused = self._gpu_experts(u, weights, ids)
         if fused is not None:
             return fused
+        if (u.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and cpu_library.library() is not None):
+            from nemoh.kernels.moe_cpu import native_experts
+
+            return native_experts(self, u, weights, ids, cpu_library.library())
         if ids.shape[0] == 1 and not torch.is_grad_enabled():
             return self._one_token_experts(u, weights, ids)
         return self._sorted_experts(u, weights, ids)

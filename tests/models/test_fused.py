@@ -2,6 +2,7 @@
 fused q/k/v, closed-form multi-step SSD."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -91,7 +92,34 @@ def test_one_token_experts_match_the_sorted_way_for_dense_and_module_experts():
         assert not torch.allclose(wrong, moe._sorted_experts(u, weights, ids), rtol=1e-3, atol=1e-3)
 
 
-def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32():
+@pytest.fixture
+def pytorch_experts(monkeypatch):
+    """The PyTorch expert paths (the reference): inference would otherwise take the native CPU kernel."""
+    from nemoh.kernels import cpu_library
+
+    monkeypatch.setattr(cpu_library, "library", lambda: None)
+
+
+def test_native_experts_equal_the_pytorch_reference(monkeypatch):
+    from nemoh.kernels import cpu_library
+
+    if cpu_library.library() is None:
+        pytest.skip("the native CPU kernels are not built")
+    torch.manual_seed(3)
+    moe = LatentMoE(NemotronHConfig.from_dict({**CONFIG, "moe_latent_size": 16}), 2)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.3)
+    for n in (1, 3, 11, 64):
+        x = torch.randn(n, 32)
+        with torch.no_grad():
+            native = moe(x)
+            with monkeypatch.context() as m:
+                m.setattr(cpu_library, "library", lambda: None)
+                reference = moe(x)
+        torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32(pytorch_experts):
     torch.manual_seed(1)
     # widths in multiples of 8: the grouped product needs 16-byte strides in bfloat16, as real models have
     moe = LatentMoE(NemotronHConfig.from_dict({**CONFIG, "moe_latent_size": 16}), 2)
@@ -111,7 +139,7 @@ def test_bfloat16_inference_takes_the_padded_experts_and_matches_float32():
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
-def test_float32_inference_takes_the_padded_experts_only_in_its_token_range():
+def test_float32_inference_takes_the_padded_experts_only_in_its_token_range(pytorch_experts):
     torch.manual_seed(2)
     moe = LatentMoE(NemotronHConfig.from_dict(CONFIG), 2)
     for p in moe.parameters():

@@ -64,8 +64,10 @@ def test_training_and_other_dtypes_take_f_linear():
     half = Linear(16, 8).to(torch.float16)
     with torch.inference_mode():
         xh = torch.randn(2, 16, dtype=torch.float16)
-        torch.testing.assert_close(half(xh), F.linear(xh, half.weight, half.bias))
-        assert half.packed_weight.packed is None                  # float16: not a packed dtype
+        # float16 takes the native panel product where it is built (float32 sums rounded once), else F.linear
+        want = F.linear(xh.float(), half.weight.float(), half.bias.float()).half()
+        torch.testing.assert_close(half(xh), want, rtol=2e-3, atol=2e-3)
+        assert half.packed_weight.packed is None                  # float16: never oneDNN's packed copy
 
 
 @needs_packing

@@ -192,10 +192,20 @@ static inline void panel_row(const P& pr, int64_t K, const float* x, float* part
     panel_tile<P, 1>(pr, K, x, K, part);
 }
 
+// Rows of x per pass over the panels: a block of x stays in the L2 cache while every panel meets it (a prefill
+// chunk of 2048 rows would otherwise stream x from memory once per panel).
+static const int64_t kRowBlock = 96;
+
 // y[m, n] for m < M and features [nb, ne) (nb a multiple of 16), the weight in panels.
 template <class P, class MakeReader>
 static void panel_range(MakeReader reader_of, const float* x, int64_t xs, int64_t M, int64_t nb, int64_t ne,
                         int64_t K, float* y, int64_t ys, const Epilogue& ep, float* part) {
+    if (M > kRowBlock) {
+        for (int64_t m0 = 0; m0 < M; m0 += kRowBlock)
+            panel_range<P>(reader_of, x + m0 * xs, xs, std::min(kRowBlock, M - m0), nb, ne, K, y + m0 * ys, ys, ep,
+                           part);
+        return;
+    }
     for (int64_t n0 = nb; n0 < ne; n0 += NEMOH_PANEL) {
         const P pr = reader_of(n0 / NEMOH_PANEL);
         const int64_t cols = std::min<int64_t>(NEMOH_PANEL, ne - n0);
