@@ -80,7 +80,9 @@ def panel_linear(x: torch.Tensor, module: nn.Module, lib: C.CpuLibrary) -> torch
     """module(x) on the native panel product: x (..., in) float32 / bfloat16 / float16 -> (..., out) in x's dtype,
     each output rounded as that dtype stores it (the module's bias, if any, in float32)."""
     bias = getattr(module, "bias", None)
-    w = panel_descriptor(module, None if bias is None else bias.detach().float().contiguous(), lib)
+    if bias is not None:
+        bias = bias.detach().float().contiguous()      # kept alive here: the descriptor holds only its address
+    w = panel_descriptor(module, bias, lib)
     rows = x.reshape(-1, w.k)
     x32 = rows.float().contiguous()
     out = torch.empty(x32.shape[0], w.n, dtype=torch.float32)
