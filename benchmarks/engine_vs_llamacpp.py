@@ -86,7 +86,7 @@ def nemoh_checkpoint(work: Path, model: str, fmt: str) -> Path:
         return base
     out = work / f"{model}-{fmt}"
     if not (out / "config.json").is_file():
-        cmd = [sys.executable, "-m", "nemoh.cli", "quantize", str(base), str(out), "--format", fmt]
+        cmd = [sys.executable, "-m", "nemoh", "quantize", str(base), str(out), "--format", fmt]
         if fmt == "fp8":
             calib = work / "calib.txt"
             calib.write_text("\n".join(f"ticket {i}: my laptop does not connect to the VPN, error {i}"

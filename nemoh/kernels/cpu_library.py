@@ -38,7 +38,8 @@ class StepShape(ctypes.Structure):
 
 class Weight(ctypes.Structure):
     _fields_ = [("format", c_int32), ("_pad", c_int32), ("n", c_int64), ("k", c_int64), ("data", c_void_p),
-                ("block_scale", c_void_p), ("scale", c_float), ("_pad2", c_int32), ("bias", c_void_p)]
+                ("block_scale", c_void_p), ("scale", c_float), ("_pad2", c_int32), ("bias", c_void_p),
+                ("plain_data", c_void_p), ("plain_block_scale", c_void_p)]
 
 
 ROUND_NONE, ROUND_BF16, ROUND_F16 = range(3)
@@ -134,7 +135,8 @@ class CpuLibrary:
         scales = torch.empty(max(1, scale_bytes.value), dtype=torch.uint8)
         self.lib.nemoh_pack_panels(ctypes.byref(w), data.data_ptr(), scales.data_ptr())
         packed = Weight(format=w.format | PANELS, n=w.n, k=w.k, data=data.data_ptr(),
-                        block_scale=scales.data_ptr() if scale_bytes.value else None, scale=w.scale, bias=w.bias)
+                        block_scale=scales.data_ptr() if scale_bytes.value else None, scale=w.scale, bias=w.bias,
+                        plain_data=w.data, plain_block_scale=w.block_scale)
         return packed, (data, scales)
 
     def sync_threads(self) -> None:

@@ -193,12 +193,50 @@ static inline float dot_row(const R& w, const float* x, int64_t n, int64_t K) {
     return total;
 }
 
+#if NEMOH_AVX2
+// One NVFP4 row against one row of x: 64 inputs (four scale blocks) an iteration, one accumulator per block so that
+// the FMA chains are short, the block scale applied to each block's partial sum, 0.5 * scale_2 at the end.
+static inline float nvfp4_dot_row(const NVFP4Rows& w, const float* x, int64_t n, int64_t K) {
+    const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i low4 = _mm_set1_epi8(15);
+    const float* e4m3 = kE4M3Table.v;
+    const uint8_t* row = w.p + n * (K >> 1);
+    const uint8_t* sc = w.s + n * (K >> 4);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    auto block = [&](__m128i codes, int64_t k, int slot) {
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(codes, 8)));
+        const __m256 p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(x + k)));
+        acc[slot] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(e4m3 + sc[k >> 4]), acc[slot]);
+    };
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1)) + kPrefetchBytes, _MM_HINT_T0);
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (k >> 1)));
+        const __m128i b0 = _mm256_castsi256_si128(bytes), b1 = _mm256_extracti128_si256(bytes, 1);
+        const __m128i lo0 = _mm_and_si128(b0, low4), hi0 = _mm_and_si128(_mm_srli_epi16(b0, 4), low4);
+        const __m128i lo1 = _mm_and_si128(b1, low4), hi1 = _mm_and_si128(_mm_srli_epi16(b1, 4), low4);
+        block(_mm_shuffle_epi8(table, _mm_unpacklo_epi8(lo0, hi0)), k, 0);
+        block(_mm_shuffle_epi8(table, _mm_unpackhi_epi8(lo0, hi0)), k + 16, 1);
+        block(_mm_shuffle_epi8(table, _mm_unpacklo_epi8(lo1, hi1)), k + 32, 2);
+        block(_mm_shuffle_epi8(table, _mm_unpackhi_epi8(lo1, hi1)), k + 48, 3);
+    }
+    for (; k + 16 <= K; k += 16) {               // the last one to three blocks
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 1)));
+        block(_mm_shuffle_epi8(table, _mm_unpacklo_epi8(_mm_and_si128(b, low4),
+                                                        _mm_and_si128(_mm_srli_epi16(b, 4), low4))), k, 0);
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) * (0.5f * w.scale_2);
+}
+#endif
+
 template <class R, int MT, int NT>
 static inline void store_tile(const R& w, const float* x, int64_t xs, int64_t n0, int64_t K, float* y, int64_t ys,
                               const Epilogue& ep) {
     float acc[MT][NT];
 #if NEMOH_AVX2
-    if constexpr (std::is_same_v<R, NVFP4Rows>) nvfp4_dot_tile<MT, NT>(w, x, xs, n0, K, acc);
+    if constexpr (std::is_same_v<R, NVFP4Rows> && MT == 1 && NT == 1) acc[0][0] = nvfp4_dot_row(w, x, n0, K);
+    else if constexpr (std::is_same_v<R, NVFP4Rows>) nvfp4_dot_tile<MT, NT>(w, x, xs, n0, K, acc);
     else if constexpr (MT == 1 && NT == 1) acc[0][0] = dot_row(w, x, n0, K);
     else dot_tile<R, MT, NT>(w, x, xs, n0, K, acc);
 #else

@@ -67,7 +67,7 @@ static void conv4_rows(T* cache, T* saved, const MambaArgs& a, int64_t s, int64_
 }
 
 // Items (sequences, heads, rows) split across threads from this many element operations in all.
-static const int64_t kMinWork = 8192;
+static const int64_t kMinWork = 65536;
 
 template <class F>
 static void parallel_items(int64_t items, int64_t work_per_item, F&& f) {

@@ -50,6 +50,10 @@ typedef struct {
     float scale;             // FP8: weight_scale; NVFP4: weight_scale_2; else 1
     int32_t _pad2;
     const float* bias;       // float32 (n,) or NULL
+    // A panel-layout weight may also keep its plain layout here (else NULL): a one-row NVFP4 product reads
+    // the plain rows faster (a dot product per row, block scales on partial sums).
+    const void* plain_data;
+    const uint8_t* plain_block_scale;
 } Weight;
 
 // y[m, :] = epilogue(x[m, :] @ W^T + bias) for m < rows. Rows: *rows_ptr when set (a step's row count), else
