@@ -16,7 +16,8 @@ class LLM:
     """Batch generation over a NemotronH checkpoint directory.
 
     `engine_args` are `nemoh.engine.EngineArgs` fields (max_num_seqs, max_num_batched_tokens, max_model_len,
-    kv_cache_dtype, mamba_ssm_cache_dtype, cache_memory_gb, speculative_config, dtype, device, seed, ...).
+    kv_cache_dtype, mamba_ssm_cache_dtype, cache_memory_gb, speculative_config, enable_prefix_caching, dtype,
+    device, seed, ...).
     """
 
     def __init__(self, model: str | os.PathLike, **engine_args):

@@ -126,6 +126,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help='default: \'{"method":"mtp","num_speculative_tokens":3}\' when the checkpoint has an MTP '
                         "block; none (or '{}') turns speculative decoding off")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV blocks and Mamba states of prompts already computed (default: on)")
+    g.add_argument("--prefix-cache-state-slots", type=int, default=None, metavar="N",
+                   help="Mamba state snapshots the prefix cache keeps (default: sized from the cache memory)")
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="always run the plain PyTorch step (no compiled fast path)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
@@ -198,6 +202,8 @@ def engine_kwargs(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, Any]:
         "block_size": args.block_size,
         "mamba_ssm_cache_dtype": args.mamba_ssm_cache_dtype,
         "enable_chunked_prefill": args.enable_chunked_prefill,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "prefix_cache_state_slots": args.prefix_cache_state_slots,
         "enforce_eager": args.enforce_eager,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "cache_memory_gb": args.cache_memory_gb,

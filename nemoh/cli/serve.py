@@ -201,6 +201,9 @@ def banner(ckpt: Checkpoint, settings: Any, engine: Any, load_s: float, url: str
     kv_tokens = runner.num_kv_blocks * runner.block_size
     kv_gib = runner.num_kv_blocks * runner.bytes_per_block / GiB
     state_gib = runner.num_state_slots * runner.bytes_per_slot / GiB
+    snapshot_gib = runner.num_snapshot_slots * runner.bytes_per_slot / GiB
+    prefix = (f"on, {runner.num_snapshot_slots} Mamba state snapshots ({snapshot_gib:.3f} GiB, in the cache total)"
+              if core.prefix_cache is not None else "off")
     lines = [
         f"nemoh {nemoh.__version__} serving {ckpt.path}",
         f"  served model name   {', '.join(settings.served_model_names)}",
@@ -213,6 +216,7 @@ def banner(ckpt: Checkpoint, settings: Any, engine: Any, load_s: float, url: str
         f"  cache               {runner.num_kv_blocks} KV blocks x {runner.block_size} tokens = {kv_tokens} tokens "
         f"({str(runner.kv_dtype).removeprefix('torch.')}, {kv_gib:.3f} GiB) + {runner.num_state_slots} Mamba "
         f"state slots ({state_gib:.3f} GiB) = {runner.cache_bytes / GiB:.3f} GiB",
+        f"  prefix caching      {prefix}",
         f"  loaded in           {load_s:.1f} s",
         f"  URL                 {url}/v1" + ("  (API key required)" if settings.api_key else ""),
     ]

@@ -31,7 +31,6 @@ NO_EFFECT: dict[str, tuple[str, str]] = {
     "--revision": (VALUE, "nemoh loads local directories only; there is no revision to pick"),
     "--download-dir": (VALUE, "nemoh never downloads"),
     "--swap-space": (VALUE, "nemoh swaps no KV blocks to the CPU: a request that does not fit waits"),
-    "--enable-prefix-caching": (ON_OFF, "nemoh has no prefix cache yet: every prompt is prefilled"),
     "--disable-custom-all-reduce": (SWITCH, "nemoh runs on one device: there is no all-reduce"),
     "--distributed-executor-backend": (VALUE, "nemoh runs on one device, in one process"),
     "--disable-frontend-multiprocessing": (SWITCH, "nemoh's server and engine share one process"),

@@ -68,6 +68,10 @@ class EngineArgs:
     captured_step: str = "auto"                    # one of CAPTURED_STEPS
     num_kv_blocks: int | None = None               # explicit cache sizes (tests); override the memory budget
     num_state_slots: int | None = None
+    # prefix caching (nemoh.engine.prefix_cache): on by default, as in vLLM
+    enable_prefix_caching: bool = True
+    prefix_cache_state_slots: int | None = None    # Mamba state snapshots kept for resume points; None: sized
+                                                   # from the memory budget (up to 2 x the running slots)
     # speculative decoding
     speculative_config: SpeculativeConfig | dict | None = None
 
@@ -88,6 +92,9 @@ class EngineArgs:
             positive_int(name)
         for name in ("max_model_len", "num_kv_blocks", "num_state_slots"):
             positive_int(name, allow_none=True)
+        slots = self.prefix_cache_state_slots
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 0):
+            bad("prefix_cache_state_slots", "must be a non-negative integer")
         if self.captured_step not in CAPTURED_STEPS:
             bad("captured_step", f"must be one of {CAPTURED_STEPS}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -96,7 +103,7 @@ class EngineArgs:
             bad("mamba_ssm_cache_dtype", f"must be one of {SSM_CACHE_DTYPES}")
         if self.cache_memory_gb is not None and not self.cache_memory_gb > 0:
             bad("cache_memory_gb", "must be > 0")
-        for name in ("cpu_packed_weights", "enforce_eager"):
+        for name in ("cpu_packed_weights", "enforce_eager", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         for name in ("gpu_memory_utilization", "cpu_memory_utilization"):

@@ -1,7 +1,7 @@
 """The synchronous engine: requests in, one `step()` at a time, cumulative `RequestOutput`s out.
 
-    step() = schedule -> run the model -> sample (or verify drafts) -> postprocess (stop checks, detokenize)
-             -> draft the next tokens with MTP (speculative decoding only)
+    step() = schedule -> run the model -> sample (or verify drafts) -> postprocess (stop checks, detokenize,
+             prefix-cache resume points) -> draft the next tokens with MTP (speculative decoding only)
 
 A failure while postprocessing one request fails that request only (finish_reason "error"); a failure of the
 model forward fails the sequences of that batch, and repeated forward failures are raised as fatal.
@@ -20,6 +20,7 @@ from nemoh.engine.detokenizer import IncrementalDetokenizer
 from nemoh.engine.kv_cache import BlockManager
 from nemoh.engine.model_runner import ModelRunner, SeqResult
 from nemoh.engine.outputs import CompletionOutput, RequestOutput
+from nemoh.engine.prefix_cache import PrefixCache
 from nemoh.engine.sampler import Sampler, SamplingRow, compute_logprobs, greedy_verify, rejection_sample
 from nemoh.engine.scheduler import Scheduler
 from nemoh.engine.sequence import Request, Sequence
@@ -80,11 +81,17 @@ class LLMEngine:
                              "(num_nextn_predict_layers >= 1)")
         self.runner = ModelRunner(model, args, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, args.block_size)
-        self.state_cache = StateCache(self.runner.num_state_slots)
+        self.state_cache = StateCache(self.runner.num_state_slots, self.runner.num_snapshot_slots,
+                                      self.runner.first_snapshot_slot)
+        self.prefix_cache = None
+        if args.enable_prefix_caching:
+            self.prefix_cache = PrefixCache(self.block_manager, self.state_cache, self.runner.copy_state,
+                                            self.runner.copy_block, keeps_hidden=bool(k))
         self.scheduler = Scheduler(self.block_manager, self.state_cache,
                                    max_num_seqs=min(args.max_num_seqs, self.runner.num_state_slots),
                                    max_num_batched_tokens=args.max_num_batched_tokens,
-                                   enable_chunked_prefill=args.enable_chunked_prefill, num_lookahead_tokens=k)
+                                   enable_chunked_prefill=args.enable_chunked_prefill, num_lookahead_tokens=k,
+                                   prefix_cache=self.prefix_cache)
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, self.runner.device, args.seed)
         self.proposer = MTPProposer(model, self.runner, k) if k else None
         self.spec_stats = SpecStats()
@@ -189,8 +196,11 @@ class LLMEngine:
         for seq in batch.failed:
             self._fail_unfittable(seq)
         if not batch.is_empty:
-            drafts = self._postprocess_all(self._run(batch.scheduled))
-            self._propose([d for d in drafts if d is not None and not d.seq.is_finished])
+            drafts = [d for d in self._postprocess_all(self._run(batch.scheduled)) if d is not None]
+            self._propose(drafts)
+            for d in drafts:       # finished with MTP and a prefix cache: their MTP cache is complete now
+                if d.seq.is_finished:
+                    self._release(d.seq)
         return [self._output(req) for req in touched.values()]
 
     def _fail_unfittable(self, seq: Sequence) -> None:
@@ -307,16 +317,48 @@ class LLMEngine:
             (tokens, logprobs), num_computed = sampled, r.scheduled.num_new_tokens
         seq.num_computed_tokens = r.start + num_computed
         seq.draft_token_ids = []
+        if self.prefix_cache is not None:
+            self._cache_prefix(r, num_computed)
         if tokens and logprobs is None and seq.params.logprobs is not None:
             logprobs = compute_logprobs(r.logits[: len(tokens)], tokens, [seq.params.logprobs] * len(tokens))
         for i, t in enumerate(tokens):
             self._append_token(seq, t, logprobs[i] if logprobs else None)
             if seq.is_finished:
-                self._release(seq)
-                return None
+                return self._finished(r, num_computed)
         if self.proposer is None:
             return None
-        return DraftRequest(seq, r.start, r.hidden[:num_computed], needs_draft=bool(tokens))
+        return self._draft_request(r, num_computed, needs_draft=bool(tokens))
+
+    def _draft_request(self, r: SeqResult, num_computed: int, needs_draft: bool) -> DraftRequest:
+        """The MTP pass over the positions computed this step (and the resume point's last one, right after
+        resuming from the prefix cache: its MTP entry depends on this sequence's next token)."""
+        seq, start, hidden = r.scheduled.seq, r.start, r.hidden[:num_computed]
+        if seq.resume_hidden is not None:
+            start, hidden = start - 1, torch.cat([seq.resume_hidden, hidden])
+            seq.resume_hidden = None
+        return DraftRequest(seq, start, hidden, needs_draft=needs_draft)
+
+    def _cache_prefix(self, r: SeqResult, num_computed: int) -> None:
+        """Register the newly computed full blocks; save a resume point where the prefix cache asked for one
+        (`pause_at`). The state slot holds the state after `num_computed_tokens` tokens now."""
+        seq, cache = r.scheduled.seq, self.prefix_cache
+        if self.proposer is not None:
+            seq.last_hidden = r.hidden[num_computed - 1:num_computed].clone()
+        cache.register(seq)
+        if seq.num_computed_tokens in seq.pause_at:
+            seq.pause_at = [p for p in seq.pause_at if p > seq.num_computed_tokens]
+            cache.save(seq, seq.last_hidden)
+
+    def _finished(self, r: SeqResult, num_computed: int) -> DraftRequest | None:
+        """Release a sequence that just finished, or, with MTP and a prefix cache, have it fill its MTP cache
+        first (released in `step`) so that its end can be a resume point."""
+        seq = r.scheduled.seq
+        # a stop among accepted drafts leaves the state past the last kept token: no resume point then
+        consistent = seq.num_computed_tokens < seq.num_tokens
+        if self.prefix_cache is not None and self.proposer is not None and consistent:
+            return self._draft_request(r, num_computed, needs_draft=False)
+        self._release(seq)
+        return None
 
     def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> None:
         p = seq.params
@@ -351,8 +393,18 @@ class LLMEngine:
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def _release(self, seq: Sequence) -> None:
+        if (self.prefix_cache is not None and seq.finish_reason in ("stop", "length")
+                and seq.num_computed_tokens < seq.num_tokens):
+            self.prefix_cache.save(seq, seq.last_hidden)    # the next turn of a conversation resumes here
         self.scheduler.finish(seq)
         seq.detokenizer.flush()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix (as vLLM's `reset_prefix_cache`); False when prefix caching is off."""
+        if self.prefix_cache is None:
+            return False
+        self.prefix_cache.reset()
+        return True
 
     def fail_request(self, request_id: str, error: str) -> None:
         req = self.requests.get(request_id)
@@ -384,7 +436,7 @@ class LLMEngine:
             for s in req.seqs:
                 self.counters.finish_reasons[s.finish_reason] = self.counters.finish_reasons.get(s.finish_reason, 0) + 1
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), outputs, finished=finished,
-                             error=req.error)
+                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), error=req.error)
 
     def stats(self) -> dict:
         spec = self.spec_stats
@@ -407,4 +459,6 @@ class LLMEngine:
             "spec_accepted_tokens_total": spec.num_accepted,
             "spec_acceptance_rate": spec.acceptance_rate,
             "spec_mean_accepted_length": spec.mean_accepted_length,
+            "enable_prefix_caching": self.prefix_cache is not None,
+            **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
         }

@@ -3,7 +3,9 @@
 Sizing: KV blocks (every attention layer incl. the MTP block's) and Mamba state slots share one memory budget,
 `cache_memory_gb` or a fraction of the free device memory after the model is loaded. Each running sequence
 needs one slot, so slots are sized first (up to `max_num_seqs`) and the rest goes to KV blocks, capped at what
-`max_num_seqs` sequences of `max_model_len` tokens could ever use.
+`max_num_seqs` sequences of `max_model_len` tokens could ever use. With prefix caching, snapshot slots for
+the resume points' Mamba states (up to twice the running slots, at most a quarter of the budget) come out of
+the same budget, and the KV cap grows by what their prefixes could hold.
 """
 from __future__ import annotations
 
@@ -83,14 +85,15 @@ class ModelRunner:
         set_packing(model, args.cpu_packed_weights)
         # the packed copies are made on first use, after the caches take their share of the free memory
         self.packed_bytes = packed_bytes_estimate(model) if self.device.type == "cpu" else 0
-        self.num_kv_blocks, self.num_state_slots = self._size_caches(max_model_len, k)
+        self.num_kv_blocks, self.num_state_slots, self.num_snapshot_slots = self._size_caches(max_model_len, k)
         # one more KV block and state slot than the managers hand out: the padding rows of a captured step's
-        # batch bucket read and write them (nemoh.engine.graph_step)
+        # batch bucket read and write them (nemoh.engine.graph_step); the snapshot slots follow the padding slot
         self.pad_block, self.pad_slot = self.num_kv_blocks, self.num_state_slots
+        self.first_snapshot_slot = self.num_state_slots + 1
         self.kv_caches = allocate_kv_caches(self.kv_layer_ids, self.num_kv_blocks + 1, self.block_size,
                                             cfg.num_key_value_heads, cfg.head_dim, self.kv_dtype, self.device)
         self.mamba_caches = allocate_mamba_caches(
-            self.mamba_layer_ids, self.num_state_slots + 1, cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads,
+            self.mamba_layer_ids, self.num_state_slots + 1 + self.num_snapshot_slots, cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads,
             cfg.mamba_head_dim, cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype, self.device)
         self.kv_scales: dict[int, tuple[float, float]] = {}
         if args.kv_cache_dtype == "fp8":
@@ -102,13 +105,14 @@ class ModelRunner:
                         self.packed_bytes / GiB)
         logger.info(
             "nemoh cache: %d KV blocks x %d tokens = %d tokens of KV (%s, %d layers), %d Mamba state slots "
-            "(ssm %s), %.3f GiB", self.num_kv_blocks, self.block_size, self.num_kv_blocks * self.block_size,
-            self.kv_dtype, len(self.kv_layer_ids), self.num_state_slots, self.ssm_dtype, self.cache_bytes / GiB)
+            "(ssm %s) + %d for the prefix cache, %.3f GiB", self.num_kv_blocks, self.block_size,
+            self.num_kv_blocks * self.block_size, self.kv_dtype, len(self.kv_layer_ids), self.num_state_slots,
+            self.ssm_dtype, self.num_snapshot_slots, self.cache_bytes / GiB)
         # decode and verification steps replayed without per-operator overhead (None: every step is eager)
         self.captured = CapturedSteps.create(model, self, args, max_model_len)
 
     # ---- sizing ---------------------------------------------------------------------------------------
-    def _size_caches(self, max_model_len: int, k: int) -> tuple[int, int]:
+    def _size_caches(self, max_model_len: int, k: int) -> tuple[int, int, int]:
         cfg, args = self.config, self.args
         self.bytes_per_block = kv_bytes_per_block(len(self.kv_layer_ids), self.block_size, cfg.num_key_value_heads,
                                                   cfg.head_dim, self.kv_dtype)
@@ -125,20 +129,37 @@ class ModelRunner:
             slots = args.max_num_seqs
             if self.bytes_per_slot and slots * self.bytes_per_slot > budget // 2:
                 slots = max(1, (budget // 2) // self.bytes_per_slot)
+        snapshots = args.prefix_cache_state_slots if args.enable_prefix_caching else 0
+        if snapshots is None:
+            snapshots = min(2 * slots, (budget // 4) // self.bytes_per_slot) if self.bytes_per_slot else 2 * slots
         blocks_per_seq = blocks_for(max_model_len + 2 * k + 1, self.block_size)
         blocks = args.num_kv_blocks
         if blocks is None:
-            left = budget - slots * self.bytes_per_slot
-            useful = slots * blocks_per_seq
+            left = budget - (slots + snapshots) * self.bytes_per_slot
+            useful = (slots + snapshots) * blocks_per_seq
             blocks = min(useful, left // self.bytes_per_block) if self.bytes_per_block else useful
             if blocks < 1:
                 raise ValueError(f"cache_memory_gb: a budget of {budget / GiB:.3f} GiB leaves no room for KV blocks "
-                                 f"({self.bytes_per_block} bytes each) after {slots} state slots")
-        return blocks, slots
+                                 f"({self.bytes_per_block} bytes each) after {slots} + {snapshots} state slots")
+        return blocks, slots, snapshots
 
     @property
     def cache_bytes(self) -> int:
-        return self.num_kv_blocks * self.bytes_per_block + self.num_state_slots * self.bytes_per_slot
+        return (self.num_kv_blocks * self.bytes_per_block
+                + (self.num_state_slots + self.num_snapshot_slots) * self.bytes_per_slot)
+
+    # ---- copies for the prefix cache ----------------------------------------------------------------------
+    def copy_state(self, src: int, dst: int) -> None:
+        """Copy the Mamba states (conv and SSM, every layer) of slot `src` into slot `dst`."""
+        for conv, ssm in self.mamba_caches.values():
+            conv[dst].copy_(conv[src])
+            ssm[dst].copy_(ssm[src])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy KV block `src` into block `dst` in every attention layer (main model and MTP)."""
+        for k_cache, v_cache in self.kv_caches.values():
+            k_cache[dst].copy_(k_cache[src])
+            v_cache[dst].copy_(v_cache[src])
 
     # ---- contexts ---------------------------------------------------------------------------------------
     def make_context(self, seqs: list[Sequence], starts: list[int], lens: list[int],

@@ -9,6 +9,10 @@ When a running sequence cannot grow because the KV cache is full, the most recen
 sequence is preempted: its blocks and state slot are freed and it goes back to the front of the waiting
 queue to be recomputed later from its prompt plus the tokens it already generated. A sequence that could not
 fit even with the whole cache to itself is failed instead of retried forever.
+
+With a prefix cache (nemoh.engine.prefix_cache), a waiting sequence starts from the longest cached resume
+point of its tokens, and its prefill chunks end at `seq.pause_at`, where the cache saves resume points; a
+preempted sequence leaves a resume point behind.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nemoh.engine.kv_cache import BlockManager, blocks_for
+from nemoh.engine.prefix_cache import PrefixCache
 from nemoh.engine.sequence import Sequence, SequenceStatus
 from nemoh.engine.state_cache import StateCache
 
@@ -50,8 +55,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, state_cache: StateCache, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_chunked_prefill: bool = True, num_lookahead_tokens: int = 0):
+                 max_num_batched_tokens: int, enable_chunked_prefill: bool = True, num_lookahead_tokens: int = 0,
+                 prefix_cache: PrefixCache | None = None):
         self.block_manager = block_manager
+        self.prefix_cache = prefix_cache
         self.state_cache = state_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -88,9 +95,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- one step -------------------------------------------------------------------------------------
-    def _kv_tokens_needed(self, seq: Sequence, num_new: int, num_drafts: int) -> int:
-        reaches_end = seq.num_computed_tokens + num_new - num_drafts == seq.num_tokens
-        return seq.num_computed_tokens + num_new + (self.num_lookahead_tokens if reaches_end else 0)
+    def _kv_tokens_needed(self, seq: Sequence, num_new: int, num_drafts: int, start: int | None = None) -> int:
+        start = seq.num_computed_tokens if start is None else start
+        reaches_end = start + num_new - num_drafts == seq.num_tokens
+        return start + num_new + (self.num_lookahead_tokens if reaches_end else 0)
+
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, budget: int) -> int:
+        """Prompt tokens to compute from `start` this step: up to the budget, and not past a pause point."""
+        num_new = min(seq.num_tokens - start, budget)
+        pause = next((p for p in seq.pause_at if p > start), None)
+        return num_new if pause is None else min(num_new, pause - start)
 
     def _must_wait(self, uncomputed: int, budget: int) -> bool:
         """Without chunked prefill a prompt waits for a step with room for all of it (longer ones are chunked)."""
@@ -100,12 +115,11 @@ class Scheduler:
         return blocks_for(num_tokens, self.block_manager.block_size) > self.block_manager.num_blocks
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.save(seq, seq.last_hidden)
         self.block_manager.free(seq)
         self.state_cache.free(seq)
-        seq.num_computed_tokens = 0
-        seq.draft_token_ids = []
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
+        seq.preempt()
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -129,7 +143,7 @@ class Scheduler:
                 num_new = 1 + num_drafts
             else:
                 seq.draft_token_ids = []
-                num_drafts, num_new = 0, min(uncomputed, budget)
+                num_drafts, num_new = 0, self._chunk(seq, seq.num_computed_tokens, budget)
             need = self._kv_tokens_needed(seq, num_new, num_drafts)
             if self._never_fits(seq, need):
                 self._fail(seq, out)
@@ -148,19 +162,26 @@ class Scheduler:
         # Admit waiting sequences (FCFS: stop at the first that does not fit; none after a preemption).
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            uncomputed = seq.num_uncomputed_tokens
             if self._never_fits(seq, seq.num_tokens + self.num_lookahead_tokens):
                 self.waiting.popleft()
                 self._fail(seq, out)
                 continue
-            if self._must_wait(uncomputed, budget):
+            point = self.prefix_cache.lookup(seq) if self.prefix_cache is not None else None
+            start = point.num_tokens if point is not None else 0
+            shared, num_copies = self.prefix_cache.blocks_to_share(point) if point is not None else ([], 0)
+            if self._must_wait(seq.num_tokens - start, budget):
                 break
-            num_new = min(uncomputed, budget)
-            need = self._kv_tokens_needed(seq, num_new, 0)
-            if not self.state_cache.can_allocate(seq) or not self.block_manager.can_allocate(seq, need):
+            num_new = self._chunk(seq, start, budget)
+            need = self._kv_tokens_needed(seq, num_new, 0, start)
+            if not self.state_cache.can_allocate(seq) or not self.block_manager.can_allocate(seq, need, shared,
+                                                                                             num_copies):
                 break
             self.waiting.popleft()
             self.state_cache.allocate(seq)
+            if self.prefix_cache is not None:
+                self.prefix_cache.count_query(seq)
+                if point is not None:
+                    self.prefix_cache.resume(seq, point)
             self.block_manager.allocate(seq, need)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -3,7 +3,8 @@
 The scheduler works on `Sequence`s (one per completion); a `Request` groups the n sequences of one prompt
 so that the engine can report them together. A sequence's tokens are `token_ids = prompt + output`;
 `num_computed_tokens` of them are in the caches. In decode exactly one token (the last sampled one) is not
-yet computed; after a preemption the whole sequence is recomputed from scratch as if it were a prompt.
+yet computed; after a preemption the whole sequence is recomputed as if it were a prompt (from the prefix cache's
+resume point saved at the preemption, when there is one).
 """
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.detokenizer = None                            # set by the engine (IncrementalDetokenizer)
+        # prefix caching (nemoh.engine.prefix_cache)
+        self.block_hashes: list[bytes] = []                # [j]: chained hash of the tokens of blocks 0..j
+        self.num_hashed_blocks = 0                         # leading blocks of block_table registered by hash
+        self.num_cached_tokens = 0                         # prompt tokens resumed from the cache when admitted
+        self.resume_hidden: torch.Tensor | None = None     # MTP: main-model hidden at the resume point's last
+                                                           # position, for the first MTP pass after resuming
+        self.last_hidden: torch.Tensor | None = None       # MTP: main-model hidden at the last computed position
+        self.pause_at: list[int] = []                      # prefill chunks end here, to save resume points
+                                                           # (ascending; see PrefixCache.lookup)
 
     # ---- lengths ------------------------------------------------------------------------------------
     @property
@@ -75,6 +85,18 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def preempt(self) -> None:
+        """Back to waiting, to be recomputed (or resumed from the prefix cache) from its first token."""
+        self.num_computed_tokens = 0
+        self.draft_token_ids = []
+        self.resume_hidden = None
+        self.last_hidden = None
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
+        # its block table will be rebuilt: whatever remembers a sequence by id across steps (the captured steps'
+        # block-table rows) must not take the new table for a longer version of the old one
+        self.seq_id = next(_seq_counter)
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -43,6 +43,7 @@ class ChoiceDelta:
     finish_reason: str | None = None           # set on the choice's last delta
     stop_reason: int | str | None = None
     error: str | None = None
+    num_cached_tokens: int = 0                 # prompt tokens the engine took from its prefix cache
 
 
 @dataclass
@@ -111,7 +112,9 @@ async def generate_choice(engine: Any, spec: ChoiceSpec) -> AsyncIterator[Choice
                         finish_reason = completion.finish_reason or "stop"
                         stop_reason = completion.stop_reason
                     if new_text or new_ids:
-                        yield ChoiceDelta(spec.index, new_text, new_ids, new_logprobs)
+                        # a continuation after a thinking budget re-sends the output as prompt: not counted
+                        yield ChoiceDelta(spec.index, new_text, new_ids, new_logprobs,
+                                          num_cached_tokens=out.num_cached_tokens if phase == 0 else 0)
                     if finished:
                         break
             finally:

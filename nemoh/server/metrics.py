@@ -36,6 +36,16 @@ _ENGINE_STATS: dict[str, tuple[str, str, str]] = {
                               "counter"),
     "spec_num_accepted_tokens": ("nemoh:spec_decode_num_accepted_tokens_total", "MTP draft tokens accepted.",
                                  "counter"),
+    # prefix caching, in tokens as vLLM's prefix_cache_queries / prefix_cache_hits
+    "prefix_cache_queries_total": ("nemoh:prefix_cache_queries_total",
+                                   "Prompt tokens looked up in the KV block cache.", "counter"),
+    "prefix_cache_hits_total": ("nemoh:prefix_cache_hits_total",
+                                "Prompt tokens whose full KV blocks were found in the cache.", "counter"),
+    "mamba_prefix_cache_queries_total": ("nemoh:mamba_prefix_cache_queries_total",
+                                         "Prompt tokens looked up among the cached Mamba states.", "counter"),
+    "mamba_prefix_cache_hits_total": ("nemoh:mamba_prefix_cache_hits_total",
+                                      "Prompt tokens resumed from a cached Mamba state and its KV blocks (not "
+                                      "computed).", "counter"),
 }
 # Alternative spellings an engine might use for the same quantities.
 _ALIASES = {

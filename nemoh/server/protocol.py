@@ -251,10 +251,15 @@ class UsageDetails(_Response):
     reasoning_tokens: int = 0
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0          # prompt tokens served from the prefix cache, not computed again
+
+
 class Usage(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: UsageDetails | None = None
 
 

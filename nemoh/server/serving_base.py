@@ -15,7 +15,7 @@ from nemoh.engine.outputs import EngineDeadError, EngineError, Logprob, QueueFul
 from nemoh.sampling_params import SamplingParams
 from nemoh.server.errors import APIError, bad_request, queue_full, unavailable, validation_message
 from nemoh.server.generation import ChoiceDelta
-from nemoh.server.protocol import Usage, UsageDetails
+from nemoh.server.protocol import PromptTokensDetails, Usage, UsageDetails
 from nemoh.server.settings import ServerState
 from nemoh.server.streaming import SSE_HEADERS, ClientDisconnected, first_and_rest, until_disconnected
 
@@ -197,11 +197,29 @@ class ChoiceAccumulator:
             self.error = delta.error
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int, reasoning_tokens: int | None = None) -> Usage:
+class CachedTokens:
+    """Prompt tokens served from the prefix cache, per prompt: the n choices of one prompt share it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._by_prompt: dict[int, int] = {}
+
+    def add(self, delta: ChoiceDelta) -> None:
+        prompt = delta.index // self.n
+        self._by_prompt[prompt] = max(self._by_prompt.get(prompt, 0), delta.num_cached_tokens)
+
+    @property
+    def total(self) -> int:
+        return sum(self._by_prompt.values())
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int, reasoning_tokens: int | None = None,
+          cached_tokens: int = 0) -> Usage:
     return Usage(
         prompt_tokens=num_prompt_tokens,
         completion_tokens=num_completion_tokens,
         total_tokens=num_prompt_tokens + num_completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         completion_tokens_details=None if reasoning_tokens is None else UsageDetails(reasoning_tokens=reasoning_tokens),
     )
 

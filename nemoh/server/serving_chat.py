@@ -42,6 +42,7 @@ from nemoh.server.protocol import (
     random_id,
 )
 from nemoh.server.serving_base import (
+    CachedTokens,
     ChoiceAccumulator,
     RequestTimer,
     check_model,
@@ -237,8 +238,10 @@ class _ChatJob:
     async def collect(self, stream: AsyncIterator[ChoiceDelta]) -> JSONResponse:
         accs = [ChoiceAccumulator(i) for i in range(self.req.n)]
         reasoning_tokens = 0
+        cached = CachedTokens(self.req.n)
         try:
             async for delta in stream:
+                cached.add(delta)
                 if delta.token_ids:
                     self.timer.tokens()
                 reasoning_tokens += self._reasoning_tokens(accs[delta.index].text, delta)
@@ -267,7 +270,7 @@ class _ChatJob:
         self.timer.finished(self.num_prompt_tokens, num_generated, choices[0].finish_reason if choices else None)
         response = ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model, choices=choices,
-            usage=usage(self.num_prompt_tokens, num_generated, reasoning_tokens),
+            usage=usage(self.num_prompt_tokens, num_generated, reasoning_tokens, cached.total),
             system_fingerprint=self.fingerprint,
         )
         return JSONResponse(response.model_dump(mode="json"))
@@ -287,6 +290,7 @@ class _ChatJob:
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         choices = [_ChoiceStream(i, self.new_parser()) for i in range(req.n)]
         reasoning_tokens = 0
+        cached = CachedTokens(req.n)
         finish_reason: str | None = None
         try:
             for c in choices:
@@ -295,6 +299,7 @@ class _ChatJob:
 
             async for delta in prepend(first, rest):
                 c = choices[delta.index]
+                cached.add(delta)
                 if delta.token_ids:
                     self.timer.tokens()
                 reasoning_tokens += self._reasoning_tokens(c.text, delta)
@@ -310,8 +315,8 @@ class _ChatJob:
                     parsed = _merge(parsed, tail) if parsed is not None else tail
                 logprobs = (self._logprobs(delta.token_ids, delta.logprobs or [])
                             if req.logprobs and delta.token_ids else None)
-                usage_now = (usage(self.num_prompt_tokens, sum(x.num_tokens for x in choices), reasoning_tokens)
-                             if continuous else None)
+                usage_now = (usage(self.num_prompt_tokens, sum(x.num_tokens for x in choices), reasoning_tokens,
+                                   cached.total) if continuous else None)
                 if parsed is not None and not parsed.is_empty() or logprobs is not None:
                     message = self._delta_message(c, parsed)
                     yield self._chunk(ChatStreamChoice(index=c.index, delta=message, logprobs=logprobs), usage_now)
@@ -324,7 +329,7 @@ class _ChatJob:
                                                        stop_reason=delta.stop_reason), usage_now)
             if include_usage:
                 yield self._chunk(None, usage(self.num_prompt_tokens, sum(x.num_tokens for x in choices),
-                                              reasoning_tokens))
+                                              reasoning_tokens, cached.total))
             yield DONE
         except Exception as e:  # one request's failure ends its own stream only
             api_error = engine_error(e)

@@ -22,6 +22,7 @@ from nemoh.server.protocol import (
     random_id,
 )
 from nemoh.server.serving_base import (
+    CachedTokens,
     ChoiceAccumulator,
     RequestTimer,
     check_model,
@@ -123,8 +124,10 @@ class _CompletionJob:
 
     async def collect(self, stream: AsyncIterator[ChoiceDelta]) -> JSONResponse:
         accs = [ChoiceAccumulator(i) for i in range(self.num_choices)]
+        cached = CachedTokens(self.req.n)
         try:
             async for delta in stream:
+                cached.add(delta)
                 if delta.token_ids:
                     self.timer.tokens()
                 accs[delta.index].add(delta)
@@ -146,7 +149,8 @@ class _CompletionJob:
         self.timer.finished(self.num_prompt_tokens, num_generated, choices[0].finish_reason)
         response = CompletionResponse(
             id=self.request_id, created=self.created, model=self.model, choices=choices,
-            usage=usage(self.num_prompt_tokens, num_generated), system_fingerprint=self.fingerprint,
+            usage=usage(self.num_prompt_tokens, num_generated, cached_tokens=cached.total),
+            system_fingerprint=self.fingerprint,
         )
         return JSONResponse(response.model_dump(mode="json"))
 
@@ -163,6 +167,7 @@ class _CompletionJob:
         num_tokens = [0] * self.num_choices
         offsets = [0] * self.num_choices
         finish_reason: str | None = None
+        cached = CachedTokens(req.n)
         try:
             if req.echo:
                 for i in range(self.num_choices):
@@ -172,6 +177,7 @@ class _CompletionJob:
 
             async for delta in prepend(first, rest):
                 i = delta.index
+                cached.add(delta)
                 if delta.error:
                     yield sse_error(500, f"The request failed in the engine: {delta.error}", code="engine_error")
                     finish_reason = "error"
@@ -182,7 +188,8 @@ class _CompletionJob:
                 logprobs = (self._logprobs(delta.token_ids, delta.logprobs or [], offsets[i])
                             if req.logprobs is not None and delta.token_ids else None)
                 offsets[i] += len(delta.text)
-                usage_now = usage(self.num_prompt_tokens, sum(num_tokens)) if continuous else None
+                usage_now = (usage(self.num_prompt_tokens, sum(num_tokens), cached_tokens=cached.total)
+                             if continuous else None)
                 if delta.text or logprobs is not None or delta.finish_reason is not None:
                     if delta.finish_reason is not None:
                         finish_reason = finish_reason or delta.finish_reason
@@ -190,7 +197,7 @@ class _CompletionJob:
                                                        finish_reason=delta.finish_reason,
                                                        stop_reason=delta.stop_reason), usage_now)
             if include_usage:
-                yield self._chunk(None, usage(self.num_prompt_tokens, sum(num_tokens)))
+                yield self._chunk(None, usage(self.num_prompt_tokens, sum(num_tokens), cached_tokens=cached.total))
             yield DONE
         except Exception as e:
             api_error = engine_error(e)

@@ -68,6 +68,7 @@ def test_the_same_defaults_for_every_model(started, caplog, tiny_checkpoint, mod
     for line in (f"serving {path}", f"served model name   {settings.served_model_names[0]}",
                  f"weights             {'bfloat16' if model is None else 'float32'} on cpu, quantization none",
                  "MTP speculative     on, k=3",
+                 "prefix caching      on, ",
                  "parsers             reasoning super_v3, tool calls qwen3_coder, auto tool choice on",
                  "context             max_model_len 4096 (checkpoint 4096)",
                  f"URL                 http://127.0.0.1:{port}/v1"):
@@ -81,10 +82,13 @@ def test_the_same_defaults_for_every_model(started, caplog, tiny_checkpoint, mod
 def test_flags_turn_the_defaults_off(started, caplog, tiny_checkpoint):
     for off in ("none", "{}"):
         caplog.clear()
-        _, state = started(str(tiny_checkpoint), *SMALL, "--no-enable-auto-tool-choice", "--speculative-config", off)
+        _, state = started(str(tiny_checkpoint), *SMALL, "--no-enable-auto-tool-choice", "--speculative-config", off,
+                           "--no-enable-prefix-caching")
         assert not state.settings.enable_auto_tool_choice and state.engine.engine.num_speculative_tokens == 0
+        assert state.engine.engine.prefix_cache is None
         text = banner(caplog)
         assert "MTP speculative     off" in text and "auto tool choice off" in text
+        assert "prefix caching      off" in text
     caplog.clear()
     _, state = started(str(tiny_checkpoint), *SMALL, "--tool-call-parser", "none", "--speculative-config",
                        '{"method": "mtp", "num_speculative_tokens": 2}', "--max-model-len", "8192")
