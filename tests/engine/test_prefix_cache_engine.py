@@ -14,8 +14,10 @@ def user_turn(t: int, n: int = 6) -> list[int]:
     return [500 + 7 * t + i for i in range(n)]
 
 
-def converse(llm, first: list[int], turns: int, max_tokens: int = 10, turn_len=user_turn):
-    """An agent-style conversation: each turn re-sends everything so far plus a new message.
+def converse(llm, first: list[int], turns: int, max_tokens: int = 10, turn_len=user_turn, rerender: bool = False):
+    """An agent-style conversation: each turn re-sends everything so far plus a new message. rerender: as
+    Nemotron's template with thinking on, the previous prompt's last token (the generation prompt's end) is
+    rendered differently once it is history, so the next prompt diverges one token before the previous end.
     Returns per turn: (prompt length, cached tokens, output tokens, chosen tokens' logprobs)."""
     prompt, results = list(first), []
     for t in range(turns):
@@ -24,7 +26,7 @@ def converse(llm, first: list[int], turns: int, max_tokens: int = 10, turn_len=u
         assert c.finish_reason == "length", out.error
         results.append((len(prompt), out.num_cached_tokens, c.token_ids,
                         [lp[tok].logprob for lp, tok in zip(c.logprobs, c.token_ids)]))
-        prompt = prompt + c.token_ids + turn_len(t)
+        prompt = (prompt[:-1] + [999] if rerender else prompt) + c.token_ids + turn_len(t)
     return results
 
 
@@ -70,13 +72,23 @@ def test_mtp_draft_states_are_resumed_too(make_llm):
                 seen.append(h.detach().clone())
             return h
         llm.engine.model.mtp_forward = recording
-        converse(llm, list(range(30, 63)), 3, max_tokens=8)
-        return seen
-    off = drafts(make_llm(enable_prefix_caching=False, speculative_config=SPEC, enforce_eager=True))
-    on = drafts(make_llm(speculative_config=SPEC, enforce_eager=True))
+        # the next turns diverge right at the resume point (its MTP entry must be redone with the new token)
+        return seen, converse(llm, list(range(30, 63)), 3, max_tokens=8, rerender=True)
+    off, _ = drafts(make_llm(enable_prefix_caching=False, speculative_config=SPEC, enforce_eager=True))
+    on, results = drafts(make_llm(speculative_config=SPEC, enforce_eager=True))
+    assert [r[1] for r in results[1:]] == [r[0] - 1 for r in results[:-1]]      # resumed at the divergence
     assert len(off) == len(on)
     for a, b in zip(off, on):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"speculative_config": SPEC}], ids=["plain", "mtp3"])
+def test_thinking_template_conversation_hits_one_token_before_the_previous_prompt_end(make_llm, kwargs):
+    first = list(range(30, 75))
+    off = converse(make_llm(enable_prefix_caching=False, **kwargs), first, 4, rerender=True)
+    on = converse(make_llm(**kwargs), first, 4, rerender=True)
+    assert_same(off, on)
+    assert [r[1] for r in on] == [0] + [r[0] - 1 for r in on[:-1]]
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"speculative_config": SPEC}], ids=["plain", "mtp3"])
@@ -140,7 +152,9 @@ def test_concurrent_requests_sharing_a_prefix(make_llm):
 
 @pytest.mark.parametrize("kwargs", [{}, {"speculative_config": SPEC}], ids=["plain", "mtp3"])
 def test_preemption_resumes_from_the_cache(make_llm, greedy_ref, kwargs):
-    tiny = make_llm(num_kv_blocks=6, block_size=16, **kwargs)
+    # 8 blocks of 16 for 11 blocks of work: preempted sequences resume from the point they left behind (with
+    # 6 blocks those points are evicted at once to make room: see test_preemption_under_a_tiny_kv_cache)
+    tiny = make_llm(num_kv_blocks=8, block_size=16, **kwargs)
     outs = tiny.generate(PROMPTS, greedy())
     assert [o.outputs[0].token_ids for o in outs] == greedy_ref
     assert tiny.engine.scheduler.num_preemptions > 0
