@@ -395,7 +395,8 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         if (self.prefix_cache is not None and seq.finish_reason in ("stop", "length")
                 and seq.num_computed_tokens < seq.num_tokens):
-            self.prefix_cache.save(seq, seq.last_hidden)    # the next turn of a conversation resumes here
+            # the next turn resumes here when it repeats the reply verbatim
+            self.prefix_cache.save(seq, seq.last_hidden, evict_first=True)
         self.scheduler.finish(seq)
         seq.detokenizer.flush()
 

@@ -33,7 +33,10 @@ resumed sequence's MTP pass redoes position P-1 with its own next token (`Sequen
 Memory: blocks held only by resume points count as free for the scheduler; when an allocation needs them,
 resume points are evicted, least recently used first (`reclaim`). Snapshot slots are a budget of their own;
 a new point when all are taken evicts the least recently used one. So the cache never makes a request wait
-or fail, and under pressure it only loses hits.
+or fail, and under pressure it only loses hits. A finished request's end-of-output point enters as the first
+to be evicted: it only hits when the next prompt repeats the reply verbatim (not with reasoning dropped), and
+the point one token before the prompt's end serves the next turn either way, so under pressure the cache
+keeps one point per conversation instead of two.
 """
 from __future__ import annotations
 
@@ -174,9 +177,10 @@ class PrefixCache:
         self.counters.kv_hits += self.block_manager.num_cached_prefix_blocks(hashes) * self.block_size
 
     # ---- saving and eviction ------------------------------------------------------------------------------
-    def save(self, seq: Sequence, hidden: torch.Tensor | None = None) -> bool:
+    def save(self, seq: Sequence, hidden: torch.Tensor | None = None, evict_first: bool = False) -> bool:
         """Keep `seq`'s state after its `num_computed_tokens` tokens as a resume point (the state slot must
-        hold exactly that state, and its blocks those tokens' KV). Returns whether a point exists now."""
+        hold exactly that state, and its blocks those tokens' KV). evict_first: it enters as the least recently
+        used point. Returns whether a point exists now."""
         p, bs = seq.num_computed_tokens, self.block_size
         if p == 0 or seq.state_slot is None or (self.keeps_hidden and hidden is None):
             return False
@@ -196,6 +200,8 @@ class PrefixCache:
         self.block_manager.hold(blocks)
         point = ResumePoint(p, key, tail, blocks, slot, hidden)
         self._lru[(key, tail)] = point
+        if evict_first:
+            self._lru.move_to_end((key, tail), last=False)
         self._by_key.setdefault(key, {})[tail] = point
         self.counters.num_saved += 1
         return True

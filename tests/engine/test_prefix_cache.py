@@ -210,3 +210,16 @@ def test_prefix_cache_state_slots_are_validated():
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         EngineArgs(enable_prefix_caching="yes")
     assert EngineArgs().enable_prefix_caching is True
+
+
+def test_a_point_saved_to_be_evicted_first_goes_before_older_ones():
+    cache, bm, sc, _ = make(snapshots=2)
+    a, b, c = seq([1] * 5, "a"), seq([2] * 5, "b"), seq([3] * 5, "c")
+    computed(cache, a, 5)
+    cache.save(a)
+    computed(cache, b, 5)
+    cache.save(b, evict_first=True)              # a finished request's end, say
+    computed(cache, c, 5)
+    cache.save(c)
+    assert cache.lookup(seq([2] * 6)) is None
+    assert cache.lookup(seq([1] * 6)).num_tokens == 5 and cache.lookup(seq([3] * 6)).num_tokens == 5
