@@ -198,9 +198,10 @@ def concurrent(server: Server, sessions: list[list[dict]]) -> tuple[int, int, in
         for i, body in enumerate(requests):
             try:
                 ttft, usage, _, _ = server.stream(body)
-            except httpx.HTTPError:
+            except httpx.HTTPError as e:       # a timeout counts here too: the machine may stall the process
                 with lock:
                     totals["failed"] += 1
+                print(f"  request failed: {type(e).__name__}: {e}")
                 continue
             with lock:
                 if i:

@@ -188,6 +188,26 @@ def test_a_small_cache_evicts_and_never_fails(make_llm):
     assert_idle(small_llm.engine)
 
 
+def test_concurrent_sessions_through_a_tiny_cache_never_fail(make_llm):
+    """Three conversations whose turns run in the same batch, through 10 KV blocks and 2 state snapshots:
+    preemptions, evictions, resumes all at once; every request finishes with the tokens of a run without
+    the cache."""
+    def sessions(llm, turns=4):
+        prompts = [list(range(900 + 40 * c, 925 + 40 * c)) for c in range(3)]
+        tokens = []
+        for t in range(turns):
+            outs = llm.generate(prompts, greedy(8))
+            assert all(o.error is None and o.outputs[0].finish_reason == "length" for o in outs)
+            tokens.append([o.outputs[0].token_ids for o in outs])
+            prompts = [p + o.outputs[0].token_ids + user_turn(t, 4) for p, o in zip(prompts, outs)]
+        return tokens
+    kwargs = dict(max_model_len=128, num_kv_blocks=10, block_size=16, max_num_batched_tokens=32)
+    tiny = make_llm(prefix_cache_state_slots=2, **kwargs)
+    assert sessions(tiny) == sessions(make_llm(enable_prefix_caching=False, **kwargs))
+    assert tiny.engine.prefix_cache.counters.num_evicted > 0
+    assert_idle(tiny.engine)
+
+
 def test_prefix_caching_off(make_llm):
     llm = make_llm(enable_prefix_caching=False)
     engine = llm.engine
