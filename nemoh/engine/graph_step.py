@@ -17,6 +17,8 @@ reserved KV block (`ModelRunner.pad_slot` / `pad_block`), which no sequence owns
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import torch
 
@@ -27,6 +29,29 @@ from nemoh.models.forward_context import StepContext
 
 logger = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def use_persistent_inductor_cache() -> None:
+    """Inductor's compiled code goes to ~/.cache/nemoh/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise),
+    so that a restarted server reuses it instead of compiling every bucket again (its default is under /tmp)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        default = default_cache_dir()
+    except ImportError:           # older torch: leave inductor's own choice
+        return
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):    # torch fills in its default on first use
+        path = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nemoh", "inductor")
+        os.makedirs(path, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+
+
+def _progress(total: int, desc: str):
+    """A progress bar on a terminal (capturing or compiling every bucket takes seconds to minutes), else None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
 class _Bucket:
@@ -116,9 +141,16 @@ class GraphSteps:
         self._made: dict[tuple[str, int], _Bucket] = {}
         kinds = [("decode", 1)] + ([("verify", 1 + self.k), ("mtp_first", 1 + self.k), ("mtp_next", 1)]
                                    if self.k else [])
-        for kind, _ in kinds:                # largest first, so that the memory pool is sized once
-            for b in reversed(self.buckets):
-                self.bucket(kind, b)
+        if mode == "inductor":
+            use_persistent_inductor_cache()
+        todo = [(kind, b) for kind, _ in kinds for b in reversed(self.buckets)]  # largest first: the pool is sized once
+        bar = _progress(len(todo), "Capturing CUDA graphs" if mode == "cuda" else "Compiling steps")
+        for kind, b in todo:
+            self.bucket(kind, b)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         logger.info("nemoh captured steps: %s for %d batch buckets up to %d sequences (%s)",
                     {"cuda": "CUDA graphs", "inductor": "torch.compile (inductor)", "eager": "graph-safe eager"}[mode],
                     len(self.buckets), max_seqs, ", ".join(k for k, _ in kinds))
