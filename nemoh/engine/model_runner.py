@@ -163,6 +163,7 @@ class ModelRunner:
             mamba_caches=self.mamba_caches,
             save_intermediate_states=save_intermediate_states,
             kv_scales=self.kv_scales,
+            reference_attention=self.args.enforce_eager,
         )
 
     @staticmethod
