@@ -222,6 +222,9 @@ class MemoryPlan:
     transient: dict[str, int]
     kv_bytes_per_token: int
     mamba_bytes_per_seq: int
+    # the engine's cache budget where it is not what the device holds less the rest (cache_memory_gb; a CPU's
+    # cpu_memory_utilization share): set by engine_plan
+    cache_budget: int | None = None
 
     @property
     def usable_bytes(self) -> int:
@@ -238,6 +241,8 @@ class MemoryPlan:
     @property
     def cache_bytes(self) -> int:
         """What is left for KV blocks and Mamba slots (negative: not even the model fits)."""
+        if self.cache_budget is not None:
+            return self.cache_budget
         return self.usable_bytes - self.resident_bytes - self.transient_bytes
 
     def blocks_per_seq(self, length: int) -> int:
@@ -263,9 +268,9 @@ class MemoryPlan:
         return max(0, blocks * self.block_size - 2 * self.num_speculative_tokens - 1)
 
     def cache_sizes(self, num_slots: int | None = None) -> tuple[int, int]:
-        """(KV blocks, Mamba slots) the engine allocates: a slot per sequence up to max_num_seqs (fewer when
-        half the cache budget cannot hold them), the rest in blocks, capped at what the slots' sequences of
-        max_model_len tokens could use."""
+        """(KV blocks, Mamba slots) the engine allocates from `cache_bytes`: a slot per sequence up to
+        max_num_seqs (fewer when half the budget cannot hold them), the rest in blocks, capped at what the
+        slots' sequences of max_model_len tokens could use."""
         budget = max(0, self.cache_bytes)
         slots = num_slots if num_slots is not None else self.max_num_seqs
         if num_slots is None and self.mamba_bytes_per_seq and slots * self.mamba_bytes_per_seq > budget // 2:
@@ -278,7 +283,7 @@ class MemoryPlan:
 
     def check_fits(self) -> None:
         """ValueError naming what does fit when not even one sequence of max_model_len fits."""
-        if self.cache_bytes <= 0:
+        if self.cache_bytes <= 0 and self.cache_budget is None:
             raise ValueError(
                 f"the model does not fit: {self.usable_bytes / GiB:.2f} GiB usable, weights and copies take "
                 f"{self.resident_bytes / GiB:.2f} GiB and a step's transients {self.transient_bytes / GiB:.2f} GiB; "
@@ -286,10 +291,14 @@ class MemoryPlan:
                 "or more GPUs (--tensor-parallel-size)")
         if self.fit(self.max_model_len) < 1:
             longest = self.max_len_for_one()
+            fits = f"at most --max-model-len {longest} fits (one sequence)" if longest > 0 else \
+                "not even a short sequence fits"
             raise ValueError(
                 f"--max-model-len {self.max_model_len} does not fit: one sequence needs "
-                f"{self.seq_bytes(self.max_model_len) / GiB:.2f} GiB of cache, {self.cache_bytes / GiB:.2f} GiB is "
-                f"left after weights and transients; at most --max-model-len {longest} fits (one sequence)")
+                f"{self.seq_bytes(self.max_model_len) / GiB:.3f} GiB of KV cache and Mamba state, "
+                f"{max(0, self.cache_bytes) / GiB:.3f} GiB is left for caches after weights "
+                f"({self.resident_bytes / GiB:.2f} GiB with copies) and step transients "
+                f"({self.transient_bytes / GiB:.2f} GiB); {fits}")
 
     def summary_lines(self, lengths: list[int] | None = None) -> list[str]:
         """The plan as text: the banner, `nemoh plan` and /metrics' help all read it from here."""
@@ -391,3 +400,50 @@ def make_plan(config: NemotronHConfig, *, device_bytes: int, quant_config=None, 
                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                       num_speculative_tokens=k, device_type=device_type, resident=resident, transient=transient,
                       kv_bytes_per_token=kv_bytes_per_token, mamba_bytes_per_seq=mamba_bytes_per_seq)
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(total, available) bytes: the GPU's from the driver; a CPU's MemTotal / MemAvailable."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    info = {}
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            info[name] = int(value.split()[0]) * 1024
+    if "MemAvailable" not in info:
+        raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass cache_memory_gb")
+    return info["MemTotal"], info["MemAvailable"]
+
+
+def engine_plan(config: NemotronHConfig, args, max_model_len: int, device: torch.device, *, dtype: torch.dtype,
+                quant_config=None, model: nn.Module | None = None, native_cpu_kernels: bool = True) -> MemoryPlan:
+    """The plan of an engine with `args` (EngineArgs) on `device`, with its cache budget: cache_memory_gb when
+    given; on a GPU, gpu_memory_utilization of the device's total less weights, copies and transients (once
+    the weights are loaded, also less what else holds GPU memory); on a CPU, cpu_memory_utilization of the
+    available memory (less the weights when `model` is None: they are not loaded yet) less copies and
+    transients. `model`: the loaded model, counted as it is."""
+    from nemoh.engine.kv_cache import kv_cache_dtype
+
+    total, available = device_memory(device)
+    k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
+    cuda = device.type == "cuda"
+    ssm = getattr(torch, args.mamba_ssm_cache_dtype or config.mamba_ssm_cache_dtype)
+    plan = make_plan(config, device_bytes=total if cuda else available, quant_config=quant_config, dtype=dtype,
+                     kv_cache_dtype=kv_cache_dtype(args.kv_cache_dtype, dtype), ssm_cache_dtype=ssm,
+                     block_size=args.block_size, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens, num_speculative_tokens=k,
+                     device_type=device.type, utilization=args.gpu_memory_utilization if cuda else 1.0,
+                     native_cpu_kernels=native_cpu_kernels, cpu_packed_weights=args.cpu_packed_weights, model=model)
+    if args.cache_memory_gb is not None:
+        plan.cache_budget = int(args.cache_memory_gb * GiB)
+    elif cuda:
+        plan.cache_budget = None if model is None else plan.cache_bytes - (total - available) + plan.resident_bytes
+    else:
+        copies = plan.resident_bytes - plan.resident["weights"]
+        unloaded = plan.resident["weights"] if model is None else 0
+        plan.cache_budget = max(0, int(max(0, available - unloaded - copies) * args.cpu_memory_utilization)
+                                - plan.transient_bytes)
+    return plan
+

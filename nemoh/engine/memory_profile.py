@@ -35,12 +35,11 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and not t.is_meta}
+        inputs = {s.data_ptr() for s in map(_storage, tree_flatten((args, kwargs))[0]) if s is not None}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.is_meta:
+            storage = _storage(t)
+            if storage is None:
                 continue
-            storage = t.untyped_storage()
             ptr = storage.data_ptr()
             if ptr == 0:
                 continue
@@ -54,3 +53,14 @@ class TensorMemoryTracker(TorchDispatchMode):
                 self.peak_bytes = max(self.peak_bytes, self.live_bytes)
             weakref.finalize(t, self._release, ptr)
         return out
+
+
+def _storage(t) -> torch.UntypedStorage | None:
+    """A tensor's storage; None for what is not a tensor, a meta tensor or an opaque one (oneDNN's packed
+    weights: resident copies the plan counts apart, made once, not step transients)."""
+    if not isinstance(t, torch.Tensor) or t.is_meta or t.is_mkldnn:
+        return None
+    try:
+        return t.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return None
