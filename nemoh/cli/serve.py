@@ -25,6 +25,7 @@ from nemoh.cli.common import (
     Checkpoint,
     CLIError,
     add_engine_flags,
+    check_memory_plan,
     engine_kwargs,
     load_chat_template,
     resolve_model,
@@ -213,6 +214,9 @@ def banner(ckpt: Checkpoint, settings: Any, engine: Any, load_s: float, url: str
         f"  cache               {runner.num_kv_blocks} KV blocks x {runner.block_size} tokens = {kv_tokens} tokens "
         f"({str(runner.kv_dtype).removeprefix('torch.')}, {kv_gib:.3f} GiB) + {runner.num_state_slots} Mamba "
         f"state slots ({state_gib:.3f} GiB) = {runner.cache_bytes / GiB:.3f} GiB",
+        f"  memory plan         weights + copies {runner.plan.resident_bytes / GiB:.3f} GiB, step transients "
+        f"{runner.plan.transient_bytes / GiB:.3f} GiB, KV {runner.plan.kv_bytes_per_token} B/token, Mamba "
+        f"{runner.plan.mamba_bytes_per_seq / 2**20:.2f} MiB/sequence (nemoh plan prints it in full)",
         f"  loaded in           {load_s:.1f} s",
         f"  URL                 {url}/v1" + ("  (API key required)" if settings.api_key else ""),
     ]
@@ -236,6 +240,7 @@ def run_serve(args: argparse.Namespace) -> int:
     vllm_flags.check(args)
     settings = server_settings(args, ckpt, model)
     kwargs = engine_kwargs(args, ckpt)
+    check_memory_plan(kwargs, ckpt)
     template = load_chat_template(Path(args.tokenizer or ckpt.path), args.chat_template)
     check_quantization(args.quantization, ckpt)
     check_ssl(args)

@@ -57,8 +57,8 @@ def _progress(total: int, desc: str):
 class _Bucket:
     """Static buffers and the captured step for `num_seqs` sequences of q rows (main model or MTP block)."""
 
-    def __init__(self, model, runner, num_seqs: int, q: int, max_blocks: int, mtp: bool, save_states: bool,
-                 mode: str, pool):
+    def __init__(self, model, runner, num_seqs: int, q: int, max_blocks: int, mtp: bool,
+                 saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, mode: str, pool):
         dev, bs = runner.device, runner.block_size
         rows = num_seqs * q
         self.num_seqs, self.q, self.mtp = num_seqs, q, mtp
@@ -69,11 +69,7 @@ class _Bucket:
         self.state_slots = torch.full((num_seqs,), self.pad_slot, dtype=torch.long, device=dev)
         self.block_tables = torch.full((num_seqs, max_blocks), self.pad_block, dtype=torch.long, device=dev)
         self.hidden_in = torch.zeros(rows, model.config.hidden_size, dtype=model.dtype, device=dev) if mtp else None
-        self.saved = None
-        if save_states:
-            self.saved = {i: (torch.zeros(num_seqs, q, *c.shape[1:], dtype=c.dtype, device=dev),
-                              torch.zeros(num_seqs, q, *s.shape[1:], dtype=s.dtype, device=dev))
-                          for i, (c, s) in runner.mamba_caches.items()}
+        self.saved = saved
         ctx = StepContext(num_seqs, q, self.positions, self.slot_mapping, self.state_slots, self.block_tables, bs,
                           runner.kv_caches, runner.mamba_caches, runner.kv_scales, self.saved)
 
@@ -139,6 +135,7 @@ class GraphSteps:
         self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self._made: dict[tuple[str, int], _Bucket] = {}
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         kinds = [("decode", 1)] + ([("verify", 1 + self.k), ("mtp_first", 1 + self.k), ("mtp_next", 1)]
                                    if self.k else [])
         if mode == "inductor":
@@ -161,8 +158,19 @@ class GraphSteps:
         if key not in self._made:
             q = 1 if kind in ("decode", "mtp_next") else 1 + self.k
             self._made[key] = _Bucket(self.model, self.runner, size, q, self.max_blocks, kind.startswith("mtp"),
-                                      kind == "verify", self.mode, self.pool)
+                                      self._saved_states() if kind == "verify" else None, self.mode, self.pool)
         return self._made[key]
+
+    def _saved_states(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The per-position Mamba states of a verification, (max_seqs, 1 + k, ...) per layer: one set shared by
+        every verify bucket (a bucket of b sequences fills the first b rows; steps never overlap), so they cost
+        what one largest verification keeps, as the memory plan counts, not once per bucket."""
+        if self._saved is None:
+            dev, q = self.runner.device, 1 + self.k
+            self._saved = {i: (torch.zeros(self.max_seqs, q, *c.shape[1:], dtype=c.dtype, device=dev),
+                               torch.zeros(self.max_seqs, q, *s.shape[1:], dtype=s.dtype, device=dev))
+                           for i, (c, s) in self.runner.mamba_caches.items()}
+        return self._saved
 
     # ---- the main model -----------------------------------------------------------------------------------
     def takes(self, s: ScheduledSeq) -> int:

@@ -387,7 +387,7 @@ class LLMEngine:
                              error=req.error)
 
     def stats(self) -> dict:
-        spec = self.spec_stats
+        spec, plan = self.spec_stats, self.runner.plan
         return {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
@@ -407,4 +407,10 @@ class LLMEngine:
             "spec_accepted_tokens_total": spec.num_accepted,
             "spec_acceptance_rate": spec.acceptance_rate,
             "spec_mean_accepted_length": spec.mean_accepted_length,
+            # the memory plan the caches were sized from (nemoh.engine.memory_plan), in bytes
+            "memory_plan_weights_bytes": plan.resident_bytes,
+            "memory_plan_transient_bytes": plan.transient_bytes,
+            "memory_plan_cache_bytes": self.runner.cache_bytes,
+            "memory_plan_kv_bytes_per_token": plan.kv_bytes_per_token,
+            "memory_plan_mamba_bytes_per_seq": plan.mamba_bytes_per_seq,
         }
