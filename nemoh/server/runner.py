@@ -2,7 +2,7 @@
 
 Drain: the first signal does not close the listening socket (uvicorn's default would, and new clients
 would see "connection refused" instead of an answer). The server keeps accepting; the guard answers new
-requests with 503 + Retry-After while in-flight ones finish. When they are done, or `drain_timeout` has
+requests with 503 + Retry-After while in-flight ones finish. When they are done, or `shutdown_timeout` has
 passed, uvicorn is told to exit and cuts what is left. A second signal exits at once.
 """
 from __future__ import annotations
@@ -45,6 +45,13 @@ class NemohH11Protocol(H11Protocol):
         super().__init__(config, *args, **kwargs)
         self.conn = _RememberingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # uvicorn cancels the keep-alive timer only on a clean close; after a reset the timer kept this protocol,
+        # its buffers and its request cycle alive for timeout_keep_alive seconds (measured: a flood of 100 kB
+        # headers from clients that reset grew RSS by ~50 kB a request).
+        self._unset_keepalive_if_required()
+
     def send_400_response(self, msg: str) -> None:
         status = getattr(self.conn, "last_error_status", 400)
         message = "Request header fields too large." if status == 431 else msg
@@ -72,7 +79,7 @@ class NemohServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # second signal: exit now
             return
         logger.info("signal %s: draining (new requests get 503) for up to %.1f s", sig,
-                    self.state.settings.drain_timeout)
+                    self.state.settings.shutdown_timeout)
         self._loop.call_soon_threadsafe(self.begin_drain)
 
     def begin_drain(self) -> None:
@@ -82,7 +89,7 @@ class NemohServer(uvicorn.Server):
             self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.state.settings.drain_timeout
+        deadline = time.monotonic() + self.state.settings.shutdown_timeout
         # The guard counts every request, this drain probe included, so wait for idle with some slack.
         while self.state.num_inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
