@@ -329,6 +329,7 @@ class StreamResult:
     request_id: str | None = None      # the response's `id` (engine requests are `<id>-<choice>`)
     text: str = ""
     done: bool = False                 # the stream ended with [DONE]
+    finish_reason: str | None = None
     dropped_at: float | None = None    # time.time() when the client closed the connection
     error: str | None = None
 
@@ -372,6 +373,7 @@ async def stream_raw(base_url: str, path: str, body: dict[str, Any], drop_after_
                 delta = choice.get("delta") or {}
                 piece = choice.get("text") or delta.get("content") or delta.get("reasoning_content") or ""
                 parts.append(piece)
+                out.finish_reason = choice.get("finish_reason") or out.finish_reason
                 if drop_after_first and (piece or delta.get("tool_calls")):
                     out.dropped_at = time.time()
                     writer.transport.abort()   # the client vanishes: no more reads, the socket is gone

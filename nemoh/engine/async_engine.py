@@ -135,6 +135,12 @@ class AsyncLLMEngine:
         """Stop a request; its blocks and slots are freed before the next step and its iterator ends."""
         self._request_abort(request_id)
 
+    def abort_all(self) -> None:
+        """Abort every request in flight (a drain that ran out of time); their iterators end with "abort"."""
+        with self._lock:
+            self._aborts.extend(self._streams)
+        self._wakeup.set()
+
     def _request_abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.append(request_id)

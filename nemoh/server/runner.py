@@ -3,7 +3,8 @@
 Drain: the first signal does not close the listening socket (uvicorn's default would, and new clients
 would see "connection refused" instead of an answer). The server keeps accepting; the guard answers new
 requests with 503 + Retry-After while in-flight ones finish. When they are done, or `shutdown_timeout` has
-passed, uvicorn is told to exit and cuts what is left. A second signal exits at once.
+passed (less a reserve for the exit itself), uvicorn is told to exit and cuts what is left. A second signal
+exits at once.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from nemoh.server.errors import error_bytes
 from nemoh.server.settings import ServerState
 
 logger = logging.getLogger("nemoh.server")
+EXIT_RESERVE_S = 3.5   # of --shutdown-timeout, kept for the exit after the drain
 
 
 class _RememberingConnection(h11.Connection):
@@ -89,12 +91,24 @@ class NemohServer(uvicorn.Server):
             self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.state.settings.shutdown_timeout
+        # The timeout bounds the whole exit, so the drain ends early enough for what follows it: uvicorn's
+        # close (up to timeout_graceful_shutdown), the engine's stop and the interpreter's exit (torch's teardown
+        # alone is 0.75-2 s on a loaded 2-core machine).
+        timeout = self.state.settings.shutdown_timeout
+        deadline = time.monotonic() + timeout - min(EXIT_RESERVE_S, timeout / 2)
         # The guard counts every request, this drain probe included, so wait for idle with some slack.
         while self.state.num_inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.state.num_inflight > 0:
             logger.warning("drain timeout: %d requests still in flight are cut", self.state.num_inflight)
+            # Cut them in the engine: their responses then end (finish_reason "abort") within a step, instead of
+            # being cancelled mid-send by uvicorn after its own grace period.
+            abort_all = getattr(self.state.engine, "abort_all", None)
+            if abort_all is not None:
+                abort_all()
+                cut_deadline = time.monotonic() + 1.0
+                while self.state.num_inflight > 0 and time.monotonic() < cut_deadline:
+                    await asyncio.sleep(0.02)
         self.should_exit = True
 
     def stop_now(self) -> None:

@@ -138,6 +138,9 @@ def test_burst_over_capacity_refused_at_once_and_the_accepted_finish(tiny_checkp
         return await asyncio.gather(*(one(r, w) for r, w in connections))
 
     try:
+        # more sequences than the engine can ever hold: a 400 (a 429 would invite retries that cannot succeed)
+        r = httpx.post(server.base_url + "/v1/completions", headers=AUTH, json={"prompt": ["a", "b"], "n": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         results = asyncio.run(burst())
         served = [r for r in results if r[0] == 200]
         refused = [r for r in results if r[0] == 429]
