@@ -96,7 +96,7 @@ async def auth_barrage(base_url: str, repeat: int) -> tuple[dict[str, set[int]],
              {"Authorization": "Bearer " + API_KEY[:-1]}, {"X-API-Key": "x" * 4000}]
     seen: dict[str, set[int]] = {}
     latency: list[float] = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as http:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=httpx.Timeout(30, pool=None)) as http:
         async def one(method: str, path: str, headers: dict) -> None:
             start = time.perf_counter()
             r = await http.request(method, base_url + path, headers=headers, json=CHAT)

@@ -66,7 +66,10 @@ def _routes() -> dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, A
     def json_of(model: type[BaseModel]) -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
 
-    sse = {"text/event-stream": {"schema": {"type": "string"}}}
+    # Server-sent events: each event's `data` is one JSON chunk (the JSON shape's streaming form), the last
+    # one "[DONE]"; schema checkers validate each event as {"data": ..., "event": ...}.
+    sse = {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                            "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}
     return {
         ("/v1/chat/completions", "post"): (ChatCompletionRequest, {**json_of(ChatCompletionResponse), **sse},
                                            _ALWAYS + _BODY + _GENERATION),
