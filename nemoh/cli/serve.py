@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -74,8 +75,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="bound of the waiting queue; requests beyond it get 429")
     p.add_argument("--allowed-origins", nargs="*", default=[],
                    help="CORS origins allowed to call the API (default: none)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may finish after SIGTERM")
+    p.add_argument("--shutdown-timeout", "--drain-timeout", dest="shutdown_timeout", type=float, default=30.0,
+                   help="after SIGTERM, new requests get 503 and in-flight ones may finish for this many seconds; "
+                        "then the rest are cut and the server exits (--drain-timeout: the same)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
     p.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="serve HTTPS with this key (and --ssl-certfile)")
     p.add_argument("--ssl-certfile", default=None, metavar="FILE", help="serve HTTPS with this certificate")
@@ -127,7 +129,7 @@ def server_settings(args: argparse.Namespace, ckpt: Checkpoint, model: str | Non
             enable_auto_tool_choice=tool_parser is not None and args.enable_auto_tool_choice is not False,
             trust_request_chat_template=args.trust_request_chat_template,
             max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-            drain_timeout=args.drain_timeout,
+            shutdown_timeout=args.shutdown_timeout,
             api_docs=not args.disable_fastapi_docs,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         )
@@ -252,6 +254,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except ValueError as e:  # a checkpoint that does not load, or does not fit the engine arguments
             raise CLIError(str(e)) from None
         load_s = time.monotonic() - start
+        # Admission control refuses at once what the engine would only refuse after the template and tokenizer ran.
+        settings = dataclasses.replace(settings, max_admitted_requests=engine.max_num_requests)
         holder: dict[str, Any] = {}
         app = build_app(engine, settings, template, on_engine_dead=lambda: holder["server"].stop_now())
         server = holder["server"] = make_server(

@@ -22,6 +22,7 @@ from nemoh.engine.outputs import Logprob
 from nemoh.sampling_params import SamplingParams
 
 _EPS_TEMPERATURE = 1e-5
+_MAX_LOGIT = 1e30   # x 1 / _EPS_TEMPERATURE stays below float32's 3.4e38
 # top-p looks for the nucleus among this many largest logits of a row before it sorts the whole row
 TOP_P_CANDIDATES = 1024
 
@@ -60,6 +61,10 @@ class Sampler:
         penalised = [i for i, row in enumerate(rows) if row.has_penalties]
         if penalised:
             _apply_penalties(logits, penalised, [rows[i] for i in penalised])
+            # A repetition penalty near 0 divides by a float32 0 (inf, or nan for a zero logit): keep the logits
+            # finite, and small enough that the division by the smallest temperature still is (found by schema
+            # fuzzing: repetition_penalty=1e-300 made the draw fail).
+            logits.nan_to_num_(nan=float("-inf"), posinf=_MAX_LOGIT).clamp_(max=_MAX_LOGIT)
         masked = [(i, t) for i, row in enumerate(rows) for t in self._min_tokens_stop_ids(row, vocab)]
         if masked:
             row_ids, token_ids = torch.tensor(masked, device=logits.device).T

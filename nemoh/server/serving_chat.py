@@ -45,6 +45,7 @@ from nemoh.server.serving_base import (
     ChoiceAccumulator,
     RequestTimer,
     check_model,
+    check_num_choices,
     check_serving,
     choice_seed,
     encode,
@@ -183,6 +184,7 @@ class ChatServing:
                        thinking_budget=budget if thinking else None, close_token_ids=self._close_ids)
             for i in range(req.n)
         ]
+        check_num_choices(state, len(specs))
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
 
         def new_parser() -> ChatOutputParser:
