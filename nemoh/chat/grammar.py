@@ -12,9 +12,9 @@ free). Three kinds:
 
 A parameter VALUE is raw text for a schema that accepts strings (the parser keeps it a string) and compact JSON
 otherwise (booleans and null also as Python writes them, ``True`` / ``None``, which the parser reads). A raw value
-ends at the first ``\\n</parameter>\\n``, and never holds what the parser reads as the end of a parameter
-(``</parameter>`` followed by ``<parameter=`` or ``</function>``), so the parser recovers exactly the value the
-grammar let through.
+ends at the first ``\\n</parameter>\\n``, and never holds what the parser could read as the end of a parameter
+(``<parameter=``, ``</function>``, or ``</parameter>`` followed by either), so the parser recovers exactly the value
+the grammar let through. (The parser reads example calls nested in a value; the grammar does not write them.)
 
 Building a grammar never touches the library: `compile` in nemoh/engine/grammar_compiler.py checks and compiles
 it, and turns a schema the library cannot express into a 400.
@@ -145,8 +145,8 @@ class _ToolGrammar:
         is satisfied, and never holds what the parser reads as the end of a parameter."""
         rule = self._name("text")
         end = r"\n<\/parameter>\n"
-        self.rules.append(f"{rule}[lazy]: /(?:{regex}){end}/ & ~/{_ANY}<\\/parameter>[ \\t\\r\\n]*"
-                          f"(<parameter=|<\\/function>){_ANY}/")
+        self.rules.append(f"{rule}[lazy]: /(?:{regex}){end}/ & ~/{_ANY}(<parameter=|<\\/function>|<\\/parameter>"
+                          f"[ \\t\\r\\n]*(<parameter=|<\\/function>)){_ANY}/")
         return rule
 
     def _value(self, schema: Any) -> str:
