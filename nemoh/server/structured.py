@@ -35,6 +35,8 @@ def structured_output(engine: Any, req: Any, tools: list[dict[str, Any]] | None,
     if not wants_json and not (tools and (forces_calls or tool_choice == "auto" and constrain_auto)):
         return None
     get_compiler = getattr(engine, "grammar_compiler", None)
+    if get_compiler is None and not wants_json and tool_choice == "auto":
+        return None                     # an engine without constrained decoding: "auto" as before
     if get_compiler is None:
         raise bad_request("this engine has no constrained decoding", param="response_format" if wants_json else "tools")
     try:
