@@ -63,6 +63,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", default="qwen3_coder", help="qwen3_coder (default) or none")
     p.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=None,
                    help='tool_choice "auto" (the default when a request has tools); on whenever a tool parser is set')
+    p.add_argument("--constrain-auto-tool-choice", action=argparse.BooleanOptionalAction, default=True,
+                   help='with tool_choice "auto", a call must name an offered tool with valid parameters '
+                        "(constrained decoding; default on)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template in requests (off: such requests get 400)")
@@ -127,6 +130,7 @@ def server_settings(args: argparse.Namespace, ckpt: Checkpoint, model: str | Non
             reasoning_parser=_parser_name(args.reasoning_parser, REASONING_PARSERS, "--reasoning-parser"),
             tool_call_parser=tool_parser,
             enable_auto_tool_choice=tool_parser is not None and args.enable_auto_tool_choice is not False,
+            constrain_auto_tool_choice=args.constrain_auto_tool_choice,
             trust_request_chat_template=args.trust_request_chat_template,
             max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout=args.shutdown_timeout,

@@ -67,6 +67,10 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def grammar_compiler(self):
+        """The engine's structured-output grammar compiler (thread-safe; see grammar_compiler.py)."""
+        return self.engine.grammar_compiler()
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len

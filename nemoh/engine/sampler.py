@@ -1,5 +1,6 @@
 """Turning logits into tokens: penalties, min_tokens, temperature / top-k / top-p / min-p, seeded sampling,
-logprobs, and the rejection sampler that verifies speculative drafts.
+logprobs, grammar masks (constrained decoding, see guided.py), and the rejection sampler that verifies speculative
+drafts.
 
 Every row of a logits batch carries its own `SamplingRow` (params, history, generator), so a request's
 result never depends on what else is in the batch: a seeded request draws only from its own generator.
@@ -18,6 +19,7 @@ from itertools import chain
 
 import torch
 
+from nemoh.engine.guided import TokenMasks, apply_token_bitmask_
 from nemoh.engine.outputs import Logprob
 from nemoh.sampling_params import SamplingParams
 
@@ -54,8 +56,8 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     # ---- logits processing --------------------------------------------------------------------------
-    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Penalties and min_tokens. logits: (n, vocab) -> a new (n, vocab) float32 tensor."""
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow], masks: TokenMasks | None = None) -> torch.Tensor:
+        """Penalties, min_tokens and grammar masks. logits: (n, vocab) -> a new (n, vocab) float32 tensor."""
         logits = logits.to(torch.float32, copy=True)
         vocab = logits.shape[1]
         penalised = [i for i, row in enumerate(rows) if row.has_penalties]
@@ -69,6 +71,8 @@ class Sampler:
         if masked:
             row_ids, token_ids = torch.tensor(masked, device=logits.device).T
             logits[row_ids, token_ids] = float("-inf")
+        if masks is not None:
+            apply_token_bitmask_(logits, masks)
         return logits
 
     def _min_tokens_stop_ids(self, row: SamplingRow, vocab: int) -> list[int]:
@@ -98,7 +102,7 @@ class Sampler:
         return probs
 
     # ---- sampling -----------------------------------------------------------------------------------
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], masks: TokenMasks | None = None) -> list[int]:
         """logits: (n, vocab) raw model logits -> one token id per row.
 
         Greedy rows take one argmax over them all; the others one exponential race over them all, fed by noise
@@ -106,7 +110,7 @@ class Sampler:
         """
         if not rows:
             return []
-        logits = self.process(logits, rows)
+        logits = self.process(logits, rows, masks)
         greedy, random = _split(rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if greedy:

@@ -50,6 +50,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.detokenizer = None                            # set by the engine (IncrementalDetokenizer)
+        self.grammar = None                                # GrammarState of a constrained sequence (guided.py)
 
     # ---- lengths ------------------------------------------------------------------------------------
     @property

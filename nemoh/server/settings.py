@@ -17,6 +17,7 @@ class ServerSettings:
     reasoning_parser: str | None = "super_v3"
     tool_call_parser: str | None = "qwen3_coder"
     enable_auto_tool_choice: bool = False
+    constrain_auto_tool_choice: bool = True   # "auto": a call must name an offered tool (constrained decoding)
     trust_request_chat_template: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
