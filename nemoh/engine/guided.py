@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.torch
 import torch
 
 _BITS = torch.arange(32, dtype=torch.int32)
@@ -45,6 +44,19 @@ def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
     bits[: allowed.shape[0]] = allowed.long()
     packed = (bits.view(words, 32) << _BITS.long()).sum(1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _fill_one(matcher, row: torch.Tensor) -> None:
+    """The matcher's allowed tokens into one contiguous int32 CPU bitmask row (llguidance.torch's helper does the
+    same, but importing it imports triton, which breaks the Triton interpreter tests that run later)."""
+    assert row.dtype == torch.int32 and row.is_cpu and row.is_contiguous()
+    matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+
+def _fill_many(executor, matchers, bitmask: torch.Tensor) -> None:
+    """Rows of a (batch, words) int32 CPU bitmask for (matcher, row) pairs, in parallel (llguidance's executor)."""
+    assert bitmask.dtype == torch.int32 and bitmask.is_cpu and bitmask.is_contiguous()
+    executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
 
 def apply_token_bitmask_(logits: torch.Tensor, masks: TokenMasks) -> torch.Tensor:
@@ -94,7 +106,7 @@ class GrammarState:
     def fill(self, bitmask_row: torch.Tensor) -> None:
         """The mask of the next token into bitmask_row (words,)."""
         if self.active:
-            llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask_row[None])
+            _fill_one(self.matcher, bitmask_row)
         else:
             bitmask_row.copy_(self._free_mask)
 
@@ -150,7 +162,7 @@ class GrammarMasks:
             if not s.active:
                 bitmask[i].copy_(self.free_mask)
         if active:
-            llguidance.torch.fill_next_token_bitmask_par(self._executor, active, bitmask)
+            _fill_many(self._executor, active, bitmask)
         return bitmask
 
     def draft_masks(self, state: GrammarState, drafts: list[int]) -> torch.Tensor:
