@@ -6,9 +6,9 @@
 
 Each length runs in a fresh process (so its peak RSS is its own): RSS after `import nemoh` is the baseline the
 plan does not count (the interpreter, torch); the peak is /proc/self/status VmHWM at the end. The plan's
-prediction for one sequence of N tokens is its resident bytes (weights, CPU copies) + the transients of a step
-+ the KV blocks and Mamba slot of that one sequence (cache pages nobody writes are never resident: the rest of
-the cache is allocated but untouched).
+prediction is its resident bytes (weights, CPU copies) + the transients of a step + the caches the engine
+allocated (zero-filled, so resident from the start): with max_num_seqs 1 at --max-model-len 262144, one
+sequence's 256k tokens of KV blocks and its Mamba slot.
 
 Needle check (--needle N): the demo model cannot retrieve, so the check reads the logits. Two prompts of N
 tokens differ only in their first token, N - 1 positions back; the top-20 logprobs of the next token are
@@ -52,11 +52,13 @@ def _engine(args, max_model_len: int):
     from nemoh import LLM
 
     return LLM(str(DEMO), dtype=args.dtype, max_model_len=max_model_len,
-               max_num_batched_tokens=args.chunk, max_num_seqs=4)
+               max_num_batched_tokens=args.chunk, max_num_seqs=1)
 
 
 def child_run(args) -> dict:
-    import nemoh  # noqa: F401  (the baseline includes torch and nemoh)
+    import torch  # noqa: F401  (the baseline: the interpreter, torch and nemoh, imported)
+
+    import nemoh  # noqa: F401
     from nemoh.sampling_params import SamplingParams
 
     baseline = _status("VmRSS")
@@ -73,11 +75,12 @@ def child_run(args) -> dict:
                 first = time.perf_counter()
     end = time.perf_counter()
     plan = engine.runner.plan
-    predicted = plan.resident_bytes + plan.transient_bytes + plan.seq_bytes(n + args.decode)
+    # the caches are zero-filled when they are allocated: all of their pages are resident from the start
+    predicted = plan.resident_bytes + plan.transient_bytes + engine.runner.cache_bytes
     return {"length": n, "prefill_s": first - start, "decode_s": end - first, "decode_tokens": generated - 1,
             "baseline_rss": baseline, "peak_rss": _status("VmHWM"), "plan_bytes": predicted,
             "plan_resident": plan.resident_bytes, "plan_transient": plan.transient_bytes,
-            "plan_seq": plan.seq_bytes(n + args.decode), "spec_k": plan.num_speculative_tokens}
+            "plan_seq": engine.runner.cache_bytes, "spec_k": plan.num_speculative_tokens}
 
 
 def child_needle(args) -> dict:
@@ -198,7 +201,7 @@ def main() -> int:
               f"{r['decode_tokens']} tokens {r['decode_s']:5.2f} s; peak RSS {r['peak_rss'] / GiB:.3f} GiB "
               f"(baseline {r['baseline_rss'] / GiB:.3f}, above it {(r['peak_rss'] - r['baseline_rss']) / GiB:.3f}); "
               f"plan {r['plan_bytes'] / GiB:.3f} GiB (resident {r['plan_resident'] / GiB:.3f} + transient "
-              f"{r['plan_transient'] / GiB:.3f} + this sequence's cache {r['plan_seq'] / GiB:.3f}); ratio "
+              f"{r['plan_transient'] / GiB:.3f} + caches {r['plan_seq'] / GiB:.3f}); ratio "
               f"{(r['peak_rss'] - r['baseline_rss']) / r['plan_bytes']:.2f}", flush=True)
     if args.needle:
         out = subprocess.run(base + ["--child", "0", "--child-needle", "--needle", str(args.needle)],

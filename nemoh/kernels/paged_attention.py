@@ -52,8 +52,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_kv_len is not None:
         width = min(width, (max_kv_len + block_size - 1) // block_size)
     out = torch.empty_like(q)
+    # the products in float32 on a CPU: bfloat16 / float16 batched products there are ~20x slower (most CPUs
+    # have no bfloat16 arithmetic), and a tile converts in a fraction of the product's time; on a GPU in q's dtype
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
     # rows of one product: the `group` query heads of a KV head times the query tile's positions
-    qs = (q * scale).view(b, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)   # (b, KVH, G, q, D)
+    qs = (q.to(compute) * scale).view(b, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     for q0 in range(0, q_len, query_tile):
         qt = min(query_tile, q_len - q0)
         rows = qs[:, :, :, q0:q0 + qt].reshape(b, num_kv_heads, group * qt, head_dim)
@@ -69,7 +72,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             idx = block_tables[:, b0:b1]
             n = (b1 - b0) * block_size
             keys, values = read_kv(k_cache[idx].view(b, n, num_kv_heads, head_dim),
-                                   v_cache[idx].view(b, n, num_kv_heads, head_dim), kv_scales, q.dtype)
+                                   v_cache[idx].view(b, n, num_kv_heads, head_dim), kv_scales, compute)
             scores = torch.matmul(rows, keys.permute(0, 2, 3, 1)).float()                   # (b, KVH, G*qt, n)
             whole = min_context_len is not None and b0 * block_size + n <= min_context_len + q0 + 1
             if not whole:
