@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         healthy = httpx.get(server.base_url + "/health").status_code == 200
         idle_s = wait_engine_idle(server, 30)
-        after = httpx.post(server.base_url + "/v1/completions", headers=AUTH, json=GREEDY, timeout=60).json()
+        after = httpx.post(server.base_url + "/v1/completions", headers=AUTH, json=GREEDY, timeout=300).json()
     finally:
         rc = server.stop()
     same = before["choices"][0]["text"] == after["choices"][0]["text"]

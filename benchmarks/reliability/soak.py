@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += [
         ("capacity (closed loop, 16 clients) / soak rate", f"{capacity:.2f} / {rate:.2f} req/s", f"{args.load:.0%}"),
         ("requests, errors", f"{total}, {len(errors)}", "0 errors"),
+        ("errors by cause (status 0: no answer within the client's 120 s)",
+         dict(Counter(f"{r.status} {(r.error or '').split(':')[0]}" for r in errors)) or "none", "none"),
         ("RSS growth after warm-up", f"{rss_after / 2**20:.0f} -> {rss[-1] / 2**20:.0f} MiB ({growth:+.1%})", "< 5%"),
         ("p99 latency drift (first -> last window after warm-up)",
          f"{p99[0]:.2f} -> {p99[-1]:.2f} s ({drift:+.1%})" if len(p99) >= 2 else "n/a", "< 10%"),
