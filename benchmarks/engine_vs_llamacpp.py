@@ -12,7 +12,8 @@ Models: `demo` (the shipped demo model, its own weights), `hybrid47` (47M parame
 and `hybrid499` (499M, random, weights beyond any cache: hidden 1024, 24 layers, 32 experts top-4 of width 1024,
 latent 512). Formats: f32, bf16, nvfp4 and fp8 (nemoh: `nemoh quantize`; llama.cpp: its converter reads the
 same ModelOpt NVFP4 checkpoint; for FP8 it is compared with llama.cpp's Q8_0 of the same weights, as llama.cpp
-has no FP8 type). llama.cpp converts each checkpoint with its own convert_hf_to_gguf.py; the demo tokenizer's
+has no FP8 type; nemoh runs the quantized checkpoints with bfloat16 activations, as a bfloat16 model would).
+llama.cpp converts each checkpoint with its own convert_hf_to_gguf.py; the demo tokenizer's
 pre-tokenizer is unknown to it, so the converter runs with `get_vocab_base_pre` patched to "default" (token
 ids are all that is measured; text never goes through llama.cpp's tokenizer).
 
@@ -184,7 +185,7 @@ def held_out_decode(engine, n: int = 12) -> float:
 
 def run_nemoh(path: Path, fmt: str, what: str, streams: int, threads: int, mtp: bool = False,
               held_out: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--path", str(path), "--dtype", "bf16" if fmt == "bf16" else "f32",
+    cmd = [sys.executable, __file__, "--child", "--path", str(path), "--dtype", "f32" if fmt == "f32" else "bf16",
            "--what", what, "--streams", str(streams), "--threads", str(threads)]
     if mtp:
         cmd.append("--mtp")

@@ -1,94 +1,134 @@
-"""Decode-shaped products: NVFP4 weight-only (nemoh's dequantise + matmul) vs dense BF16 and FP32.
+"""Decode- and verify-shaped products on this CPU: NVFP4 / FP8 / BF16 / FP32 weights, as nemoh runs them.
 
-Shapes are Super-like, scaled to fit a CPU: latent experts 1024->4096 and 4096->1024, a square
-4096x4096 projection; batch 1, 4 and 16 tokens. For each product the table gives the best time
-over the repeats (the CPUs are shared, so the minimum is the least noisy estimate), the bytes of
-weight the method reads, its floor (those bytes / memory bandwidth measured in the same run with a
-large tensor copy) and the time relative to BF16. Each call uses the next of several copies of the
-weight (>= 128 MB of FP32 in all) so that, as in decode, weights come from memory, not from cache.
-Fixed seeds; warm-up excluded. One thread by default (steadier on a shared machine).
+Each row times the layer's own forward — `NVFP4Linear` / `FP8Linear` (packed weights read by the native
+kernels: nemoh.kernels.quant_dispatch) and `nemoh.models.linear.Linear` in bfloat16 / float32 (native
+kernels as well) — and, for the quantized formats, the reference it replaced: dequantise the whole weight,
+then `F.linear`. Shapes are Super's (REFERENCE.md §2): an expert's up and down in the latent width (2688 x 1024,
+1024 x 2688), the latent projections (1024 x 4096, 4096 x 1024), a Mamba out_proj (4096 x 8192); rows 1, 4,
+16 and 32 (single-stream decode, MTP verification, batches). Activations are bfloat16 for BF16 / NVFP4 / FP8
+(as in a bfloat16 model) and float32 for FP32.
 
-    python benchmarks/quant_matmul.py [--repeats 10] [--threads N]
+Every call uses the next of enough copies of the weight (>= 256 MB of packed bytes) that it comes from memory,
+as in a decode step of a model larger than cache. Columns: the median time of 5 passes over the copies, the
+packed bytes the product must read and their floor (bytes / the read bandwidth of a float32 sum over 256 MiB
+in the same run), time / floor, and time relative to BF16 at the same shape and rows. Fixed seeds, warm-up
+(including the kernels' one-off weight re-layout) excluded.
+
+    python benchmarks/quant_matmul.py [--threads 2] [--rows 1 4 16 32] [--no-reference]
 """
-
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from nemoh.models.linear import Linear
+from nemoh.quant.fp8 import dequantize_fp8, quantize_fp8
+from nemoh.quant.linear import FP8Linear, NVFP4Linear
 from nemoh.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
-SHAPES = [(4096, 1024), (1024, 4096), (4096, 4096)]  # (out, in)
-BATCHES = [1, 4, 16]
+SHAPES = [(2688, 1024), (1024, 2688), (1024, 4096), (4096, 1024), (4096, 8192)]   # (out, in)
+FORMATS = ["nvfp4", "fp8", "bf16", "f32"]
 
 
-def best_time(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
+def make_layer(fmt: str, n: int, k: int, gen: torch.Generator) -> torch.nn.Module:
+    w = torch.randn(n, k, generator=gen) * 0.02
+    if fmt in ("bf16", "f32"):
+        m = Linear(k, n, bias=False)
+        m.weight.data = w.to(torch.bfloat16 if fmt == "bf16" else torch.float32)
+    elif fmt == "fp8":
+        m = FP8Linear(k, n)
+        q, s = quantize_fp8(w)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s)
+    else:
+        m = NVFP4Linear(k, n)
+        p, s, s2 = quantize_nvfp4(w)
+        m.weight.copy_(p)
+        m.weight_scale.copy_(s)
+        m.weight_scale_2.copy_(s2)
+    return m.requires_grad_(False).eval()
+
+
+def packed_bytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values())
+
+
+def reference(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What nemoh did before its packed kernels: the whole weight dequantised, then a dense product."""
+    if isinstance(m, NVFP4Linear):
+        w = dequantize_nvfp4(m.weight, m.weight_scale, m.weight_scale_2, x.dtype)
+    else:
+        w = dequantize_fp8(m.weight, m.weight_scale, x.dtype)
+    return F.linear(x, w)
+
+
+def median_pass(fn, layers: list, x: torch.Tensor, passes: int = 5) -> float:
+    """Median over passes of the mean time of one call, each call on the next layer copy."""
+    for m in layers[:4]:
+        fn(m, x)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    for _ in range(passes):
+        t = time.perf_counter()
+        for m in layers:
+            fn(m, x)
+        times.append((time.perf_counter() - t) / len(layers))
+    return statistics.median(times)
 
 
-def bandwidths(nbytes: int = 256 * 1024**2, repeats: int = 10) -> tuple[float, float]:
-    """(copy, read) bytes per second on a tensor far larger than cache: a copy counts read + write,
-    a sum only reads. The floor uses the read rate (weights are only read)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    copy = 2 * nbytes / best_time(lambda: dst.copy_(src), repeats)
-    read = nbytes / best_time(lambda: src.sum(), repeats)
-    return copy, read
+def read_bandwidth(nbytes: int = 256 * 2 ** 20) -> float:
+    src = torch.ones(nbytes // 4)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--shapes", nargs="+", default=None, help="OUTxIN, e.g. 2688x1024")
+    ap.add_argument("--no-reference", action="store_true", help="skip the dequantise + F.linear rows")
+    args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    copy_bw, bandwidth = bandwidths()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); copy bandwidth "
-          f"{copy_bw / 1e9:.1f} GB/s (read+write), read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    header = f"{'shape (out x in)':>17} {'batch':>5} {'method':>14} {'time ms':>9} {'weight MB':>9} {'floor ms':>8} {'x floor':>7} {'vs bf16':>7}"
-    print(header)
-    print("-" * len(header))
-    for out_f, in_f in SHAPES:
-        copies = max(2, math.ceil(128 * 1024**2 / (out_f * in_f * 4)))
-        ws = [torch.randn(out_f, in_f) * 0.02 for _ in range(copies)]
-        w_bf16 = [w.to(torch.bfloat16) for w in ws]
-        w_fp32 = ws
-        w_nvfp4 = [quantize_nvfp4(w) for w in ws]
-        nvfp4_bytes = sum(t.numel() * t.element_size() for t in w_nvfp4[0])
-        for batch in BATCHES:
-            x32 = torch.randn(batch, in_f)
-            x16 = x32.to(torch.bfloat16)
-            nxt = {name: itertools.cycle(range(copies)).__next__ for name in ("b", "f", "n16", "n32")}
-            methods = {
-                "bf16 dense": (lambda: F.linear(x16, w_bf16[nxt["b"]()]), w_bf16[0].numel() * 2),
-                "fp32 dense": (lambda: F.linear(x32, w_fp32[nxt["f"]()]), w_fp32[0].numel() * 4),
-                "nvfp4->bf16": (lambda: F.linear(x16, dequantize_nvfp4(*w_nvfp4[nxt["n16"]()], torch.bfloat16)), nvfp4_bytes),
-                "nvfp4->fp32": (lambda: F.linear(x32, dequantize_nvfp4(*w_nvfp4[nxt["n32"]()], torch.float32)), nvfp4_bytes),
-            }
-            times = {name: best_time(fn, args.repeats) for name, (fn, _) in methods.items()}
-            for name, (_, nbytes) in methods.items():
-                floor = nbytes / bandwidth
-                print(f"{f'{out_f} x {in_f}':>17} {batch:>5} {name:>14} {times[name] * 1e3:>9.3f} "
-                      f"{nbytes / 1e6:>9.2f} {floor * 1e3:>8.3f} {times[name] / floor:>7.1f} "
-                      f"{times[name] / times['bf16 dense']:>7.2f}")
-        print()
-    print("floor = weight bytes / read bandwidth. NVFP4 weight-only dequantises the whole weight on every")
-    print("call, so it is bound by the dequantisation (table gather, scale multiply, dense temporary),")
-    print("not by the packed bytes it reads.")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    bandwidth = read_bandwidth()
+    print(f"torch {torch.__version__}, {args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = (f"{'out x in':>11} {'rows':>4} {'format':>22} {'time us':>9} {'packed MB':>9} {'floor us':>8} "
+              f"{'x floor':>7} {'vs bf16':>7}")
+    print(header + "\n" + "-" * len(header))
+    with torch.inference_mode():
+        for n, k in shapes:
+            gen = torch.Generator().manual_seed(n * 7 + k)
+            layers, nbytes = {}, {}
+            for fmt in FORMATS:
+                one = make_layer(fmt, n, k, gen)
+                nbytes[fmt] = packed_bytes(one)
+                copies = max(4, math.ceil(256e6 / nbytes[fmt]))
+                layers[fmt] = [one] + [make_layer(fmt, n, k, gen) for _ in range(copies - 1)]
+            for rows in args.rows:
+                x = torch.randn(rows, k, generator=gen)
+                results = []
+                for fmt in FORMATS:
+                    xf = x if fmt == "f32" else x.to(torch.bfloat16)
+                    results.append((fmt, nbytes[fmt], median_pass(lambda m, v: m(v), layers[fmt], xf)))
+                    if fmt in ("nvfp4", "fp8") and not args.no_reference:
+                        few = layers[fmt][: max(4, len(layers[fmt]) // 8)]
+                        results.append((f"{fmt} dequant+F.linear", nbytes[fmt], median_pass(reference, few, xf)))
+                bf16 = next(t for f, _, t in results if f == "bf16")
+                for fmt, b, t in results:
+                    floor = b / bandwidth
+                    print(f"{f'{n}x{k}':>11} {rows:>4} {fmt:>22} {t * 1e6:>9.1f} {b / 1e6:>9.2f} {floor * 1e6:>8.1f} "
+                          f"{t / floor:>7.1f} {t / bf16:>7.2f}", flush=True)
+            print()
+            del layers
 
 
 if __name__ == "__main__":

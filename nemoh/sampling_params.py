@@ -1,7 +1,31 @@
 """Per-request sampling settings, vLLM-shaped so that users already know the names."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow (constrained decoding), from nemoh/chat/grammar.py.
+
+    The constraint starts once the output has produced `start_after` (the tokens of ``</think>``: reasoning stays
+    free), or at once when it is empty. `prefix_token_ids` are constrained tokens generated before this request
+    (a continuation of the same reply, see server/generation.py): the grammar consumes them first.
+    """
+    grammar: str
+    param: str = "response_format"          # the request field it came from, for error messages
+    start_after: tuple[int, ...] = ()
+    prefix_token_ids: tuple[int, ...] = ()
+
+    def continued(self, generated: list[int]) -> "StructuredOutput":
+        """The constraint of a request that continues after `generated` (tokens this constraint produced)."""
+        if not self.start_after:
+            return replace(self, prefix_token_ids=self.prefix_token_ids + tuple(generated))
+        n = len(self.start_after)
+        for i in range(len(generated) - n, -1, -1):
+            if tuple(generated[i:i + n]) == self.start_after:
+                return replace(self, start_after=(), prefix_token_ids=tuple(generated[i + n:]))
+        return self
 
 
 @dataclass
@@ -24,6 +48,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +98,8 @@ class SamplingParams:
             not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
         ):
             bad("prompt_logprobs", "must be an integer in [0, 20]")
+        if self.structured is not None and self.min_tokens:
+            bad("min_tokens", "cannot be combined with structured output (the grammar decides where the output ends)")
 
     @property
     def is_greedy(self) -> bool:

@@ -5,7 +5,8 @@ parser reads the reasoning, because the model sometimes omits ``</think>`` befor
 a complete call found there becomes a tool call and leaves the reasoning (REFERENCE §5).
 
 Tool parsing is off when the request has no tools or ``tool_choice == "none"``; a named
-``tool_choice`` makes only that function count as a call. ``force_nonempty_content`` is applied
+``tool_choice`` makes only that function count as a call; ``parallel_tool_calls=False`` returns the first call
+only (constrained decoding lets the model write only one). ``force_nonempty_content`` is applied
 here rather than in the reasoning parser so that a reply made of tool calls is not given its
 reasoning as content: at the end, when there is no content and no tool call, the reasoning text is
 sent again as content (see reasoning.py for why it is repeated rather than moved).
@@ -65,12 +66,14 @@ class ChatOutputParser:
         force_nonempty_content: bool = False,
         tool_choice: str | dict[str, Any] | None = "auto",
         id_generator: Callable[[], str] | None = None,
+        parallel_tool_calls: bool = True,
     ) -> None:
         self._settings = dict(
             reasoning_parser_name=reasoning_parser_name, tool_parser_name=tool_parser_name, tools=tools,
             thinking_enabled=thinking_enabled, force_nonempty_content=force_nonempty_content,
-            tool_choice=tool_choice, id_generator=id_generator,
+            tool_choice=tool_choice, id_generator=id_generator, parallel_tool_calls=parallel_tool_calls,
         )
+        self._max_calls = None if parallel_tool_calls else 1
         self._reasoning = (
             get_reasoning_parser(reasoning_parser_name)(thinking_enabled=thinking_enabled)
             if reasoning_parser_name
@@ -153,6 +156,8 @@ class ChatOutputParser:
                 tc = item.tool_call
                 key = (parser_id, tc.index)
                 if key not in self._index_map:
+                    if self._max_calls is not None and len(self._index_map) >= self._max_calls:
+                        continue  # parallel_tool_calls false: only the first call is returned
                     self._index_map[key] = len(self._index_map)
                 out.tool_calls.append(ToolCallDelta(self._index_map[key], tc.id, tc.name, tc.arguments_fragment))
 

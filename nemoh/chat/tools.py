@@ -36,9 +36,7 @@ to exactly the non-streaming result.
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 import re
 import secrets
 import string
@@ -47,13 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemoh.chat.reasoning import partial_suffix_len
+from nemoh.chat.qwen3_coder_markup import (FUNCTION_END, FUNCTION_START, LONGEST_TAG, TOOL_CALL_END,
+                                           TOOL_CALL_START, block_body, parse_functions, settle_open_block)
+from nemoh.chat.tool_values import convert_value
 
-TOOL_CALL_START = "<tool_call>"
-TOOL_CALL_END = "</tool_call>"
-_FUNCTION_RE = re.compile(r"\s*<function=([^>\n]*)>(.*?)</function>\s*", re.DOTALL)
-_PARAMETER_RE = re.compile(r"\s*<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
-# Python-literal parsing of larger values is refused (ast is slow and deep input can exhaust the stack).
-_MAX_LITERAL_CHARS = 100_000
+_BLOCK_TAGS = re.compile(r"<tool_call>|</tool_call>|<function=|</function>")
+_WS = " \t\r\n"
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
@@ -134,8 +131,10 @@ class Qwen3CoderToolParser:
         self._tools = tools
         self._schemas = tool_schemas(tools)
         self._new_id = id_generator or make_tool_call_id
-        self._pending = ""  # text that may be the start of "<tool_call>"
-        self._in_block = False  # inside a "<tool_call>" block, which is held until it ends
+        self._pending = ""  # text that may be the start of "<tool_call>" or "<function="
+        self._block_kind: str | None = None  # "call" or "bare" (no <tool_call>) in a block, held until it ends
+        self._level = 0  # open tags of the block's kind: the block ends when they are all closed
+        self._swallow_end = False  # a bare call just ended: a "</tool_call>" after it is its own
         self._block_parts: list[str] = []
         self._block_len = 0
         self._block_tail = ""  # the block's last characters, where a split end tag may begin
@@ -170,30 +169,25 @@ class Qwen3CoderToolParser:
     def _scan(self, text: str, final: bool) -> list[ToolDelta]:
         out: list[ToolDelta] = []
         while True:
-            if self._in_block:
-                cut = self._find_block_end(text)
-                if cut is None:
-                    self._append_block(text)
-                    if not final:
-                        return out
-                    block, text = "".join(self._block_parts), ""
-                    self._resolve_block(block, out)
-                else:
-                    position, malformed = cut
-                    whole = "".join(self._block_parts) + text
-                    block, text = whole[:position], whole[position:]
-                    self._resolve_block(block, out, malformed=malformed)
-                self._in_block = False
+            if self._block_kind is not None:
+                text = self._scan_block(text, final, out)
+                if text is None:
+                    return out
                 continue
             text, self._pending = self._pending + text, ""
-            start = text.find(TOOL_CALL_START)
+            if self._swallow_end:
+                text = self._drop_orphan_end(text, final)
+                if text is None:
+                    return out
+            start = _first_start(text)
             if start != -1:
                 self._emit_text(text[:start], out)
                 text = text[start:]
-                self._in_block = True
-                self._block_parts, self._block_len, self._block_tail = [], 0, ""
+                self._block_kind = "call" if text.startswith(TOOL_CALL_START) else "bare"
+                self._block_parts, self._block_len, self._block_tail, self._level = [], 0, "", 0
                 continue
-            hold = 0 if final else partial_suffix_len(text, TOOL_CALL_START)
+            hold = 0 if final else max(partial_suffix_len(text, TOOL_CALL_START),
+                                       partial_suffix_len(text, FUNCTION_START))
             self._emit_text(text[: len(text) - hold], out)
             self._pending = text[len(text) - hold:]
             if final:
@@ -202,24 +196,59 @@ class Qwen3CoderToolParser:
                 self._held_ws = ""
             return out
 
-    def _find_block_end(self, text: str) -> tuple[int, bool] | None:
-        """Where the open block ends in (block so far + text): after ``</tool_call>``, or before a
-        new ``<tool_call>`` (then the open block is malformed). Only the new text and a short tail
-        of the block are searched, so a long streamed call costs linear time."""
+    def _scan_block(self, text: str, final: bool, out: list[ToolDelta]) -> str | None:
+        """Go on with the open block; returns the text after it once it is resolved, None while it is held."""
+        cut = self._find_block_end(text)
+        if cut is None:
+            self._append_block(text)
+            if not final:
+                return None
+            block = "".join(self._block_parts)
+            if self._block_kind == "call":
+                length, _ = settle_open_block(block, lambda b: self._parse_block(b) is not None)
+            else:
+                length = len(block)
+            block, text = block[:length], block[length:]
+        else:
+            whole = "".join(self._block_parts) + text
+            block, text = whole[:cut], whole[cut:]
+        is_call = self._resolve_block(block, out)
+        self._swallow_end = is_call and self._block_kind == "bare"
+        self._block_kind = None
+        return text
+
+    def _drop_orphan_end(self, text: str, final: bool) -> str | None:
+        """After a call whose ``<tool_call>`` was missing, its lone ``</tool_call>`` is dropped (None: wait)."""
+        stripped = text.lstrip(_WS)
+        if stripped.startswith(TOOL_CALL_END):
+            self._swallow_end = False
+            return stripped[len(TOOL_CALL_END):]
+        if not final and TOOL_CALL_END.startswith(stripped):
+            self._pending = text
+            return None
+        self._swallow_end = False
+        return text
+
+    def _find_block_end(self, text: str) -> int | None:
+        """Where the open block ends in (block so far + text): after the tag that closes its opening one, counting
+        nested pairs (an example call inside a value). Only the new text and a short tail of the block are
+        searched, so a long streamed call costs linear time."""
         window = self._block_tail + text
         base = self._block_len - len(self._block_tail)  # block position of window[0]
-        end = window.find(TOOL_CALL_END)
-        restart = window.find(TOOL_CALL_START, max(0, 1 - base))
-        if end != -1 and (restart == -1 or end < restart):
-            return base + end + len(TOOL_CALL_END), False
-        if restart != -1:
-            return base + restart, True
+        opening, closing = (TOOL_CALL_START, TOOL_CALL_END) if self._block_kind == "call" else \
+            (FUNCTION_START, FUNCTION_END)
+        for m in _BLOCK_TAGS.finditer(window):
+            if m.end() <= len(self._block_tail):       # seen with the text before
+                continue
+            self._level += {opening: 1, closing: -1}.get(m.group(), 0)
+            if self._level == 0:
+                return base + m.end()
         return None
 
     def _append_block(self, text: str) -> None:
         self._block_parts.append(text)
         self._block_len += len(text)
-        self._block_tail = (self._block_tail + text)[-(len(TOOL_CALL_END) - 1):]
+        self._block_tail = (self._block_tail + text)[-(LONGEST_TAG - 1):]
 
     def _emit_text(self, text: str, out: list[ToolDelta]) -> None:
         # Trailing whitespace waits: it is dropped if a call or the end follows a call.
@@ -234,13 +263,14 @@ class Qwen3CoderToolParser:
         if text:
             out.append(ToolDelta(content=text))
 
-    def _resolve_block(self, block: str, out: list[ToolDelta], malformed: bool = False) -> None:
-        calls = None if malformed else self._parse_block(block)
+    def _resolve_block(self, block: str, out: list[ToolDelta]) -> bool:
+        """Emit a block as its calls, or as text when it is not a valid call; True for calls."""
+        calls = self._parse_block(block)
         if calls is None:
             self._content(self._held_ws + block, out)
             self._held_ws = ""
             self._after_call = False
-            return
+            return False
         self._held_ws = ""
         self._after_call = True
         for name, arguments in calls:
@@ -248,175 +278,20 @@ class Qwen3CoderToolParser:
             self._num_calls += 1
             out.append(ToolDelta(tool_call=ToolCallDelta(index=index, id=self._new_id(), name=name)))
             out.append(ToolDelta(tool_call=ToolCallDelta(index=index, arguments_fragment=arguments)))
+        return True
 
     def _parse_block(self, block: str) -> list[tuple[str, str]] | None:
         """The (name, arguments JSON) of each function in a block, or None if it is not a valid call."""
-        body = block[len(TOOL_CALL_START):]
-        if body.endswith(TOOL_CALL_END):
-            body = body[: -len(TOOL_CALL_END)]
-        calls: list[tuple[str, str]] = []
-        pos = 0
-        while pos < len(body):
-            m = _FUNCTION_RE.match(body, pos)
-            if m is None:
-                break
-            name = m.group(1).strip()
-            if not name or (self._schemas is not None and name not in self._schemas):
-                return None
-            arguments = self._parse_parameters(m.group(2), (self._schemas or {}).get(name, {}))
-            if arguments is None:
-                return None
-            calls.append((name, arguments))
-            pos = m.end()
-        if not calls or body[pos:].strip():
-            return None
-        return calls
-
-    def _parse_parameters(self, body: str, properties: dict[str, Any]) -> str | None:
-        args: dict[str, Any] = {}
-        pos = 0
-        while pos < len(body):
-            m = _PARAMETER_RE.match(body, pos)
-            if m is None or m.end() == pos:
-                break
-            name = m.group(1).strip()
-            if not name:
-                return None
-            args[name] = convert_value(_strip_one_newline(m.group(2)), properties.get(name))
-            pos = m.end()
-        if body[pos:].strip():
+        functions = parse_functions(block_body(block), self._schemas)
+        if functions is None:
             return None
         try:
-            return json.dumps(args, ensure_ascii=False, allow_nan=False)
+            return [(name, json.dumps(args, ensure_ascii=False, allow_nan=False)) for name, args in functions]
         except ValueError:
             return None
 
 
-def _strip_one_newline(value: str) -> str:
-    if value.startswith("\n"):
-        value = value[1:]
-    if value.endswith("\n"):
-        value = value[:-1]
-    return value
-
-
-def convert_value(text: str, schema: Any) -> Any:
-    """Convert a raw parameter VALUE by its JSON schema; keeps ``text`` when conversion fails."""
-    types = _schema_types(schema)
-    if not types:
-        ok, value = _loads_json(text)
-        return value if ok else text
-    if "string" in types and len(types) == 1:
-        return text
-    for type_name in types:
-        if type_name == "string":
-            continue
-        ok, value = _CONVERTERS.get(type_name, _convert_any)(text.strip())
-        if ok:
-            return value
-    return text
-
-
-def _schema_types(schema: Any) -> list[str]:
-    if not isinstance(schema, dict):
-        return []
-    t = schema.get("type")
-    if isinstance(t, str):
-        return [t]
-    if isinstance(t, list):
-        return [x for x in t if isinstance(x, str)]
-    if "enum" in schema and isinstance(schema["enum"], list) and schema["enum"]:
-        if all(isinstance(v, str) for v in schema["enum"]):
-            return ["string"]
-    return []
-
-
-def _loads_json(text: str) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
-        return False, None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} overflows a float")  # json.dumps could not write it back
-    return value
-
-
-def _literal(text: str) -> tuple[bool, Any]:
-    if len(text) > _MAX_LITERAL_CHARS:
-        return False, None
-    try:
-        return True, ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return False, None
-
-
-def _convert_integer(text: str) -> tuple[bool, Any]:
-    try:
-        return True, int(text)
-    except ValueError:
-        pass
-    ok, value = _loads_json(text)
-    if ok and isinstance(value, float) and value.is_integer():
-        return True, int(value)
-    return False, None
-
-
-def _convert_number(text: str) -> tuple[bool, Any]:
-    ok, value = _loads_json(text)
-    if ok and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True, value
-    try:
-        value = float(text)
-    except ValueError:
-        return False, None
-    return (True, value) if math.isfinite(value) else (False, None)
-
-
-def _convert_boolean(text: str) -> tuple[bool, Any]:
-    lowered = text.lower()
-    if lowered == "true":
-        return True, True
-    if lowered == "false":
-        return True, False
-    return False, None
-
-
-def _convert_null(text: str) -> tuple[bool, Any]:
-    return (True, None) if text.lower() in ("null", "none") else (False, None)
-
-
-def _convert_container(kind: type) -> Callable[[str], tuple[bool, Any]]:
-    def convert(text: str) -> tuple[bool, Any]:
-        for parse in (_loads_json, _literal):
-            ok, value = parse(text)
-            if ok and isinstance(value, kind):
-                try:
-                    json.dumps(value, allow_nan=False)  # Python literals may hold sets, bytes, nan...
-                except (TypeError, ValueError, RecursionError):
-                    continue
-                return True, value
-        return False, None
-
-    return convert
-
-
-def _convert_any(text: str) -> tuple[bool, Any]:
-    return _loads_json(text)
-
-
-_CONVERTERS: dict[str, Callable[[str], tuple[bool, Any]]] = {
-    "integer": _convert_integer,
-    "number": _convert_number,
-    "boolean": _convert_boolean,
-    "null": _convert_null,
-    "object": _convert_container(dict),
-    "array": _convert_container(list),
-}
+def _first_start(text: str) -> int:
+    """Where the first block starts: a ``<tool_call>``, or a ``<function=`` whose ``<tool_call>`` is missing."""
+    found = [i for i in (text.find(TOOL_CALL_START), text.find(FUNCTION_START)) if i != -1]
+    return min(found) if found else -1

@@ -1,4 +1,4 @@
-"""The `nemoh` command: serve, generate, chat, quantize, train, bench (one module per command).
+"""The `nemoh` command: serve, generate, chat, quantize, plan, train, bench (one module per command).
 
 A user mistake is one line on stderr, `nemoh: error: ...`, naming the flag or file and what to do, with exit
 status 2; never a traceback. `nemoh serve` takes `vllm serve`'s flags (vllm_flags.py lists those that change
@@ -15,11 +15,11 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 import nemoh  # noqa: E402  (after the filter)
-from nemoh.cli import chat, quantize, serve  # noqa: E402
+from nemoh.cli import chat, plan, quantize, serve  # noqa: E402
 from nemoh.cli.common import CLIError, CLIParser, UsageError  # noqa: E402
 
 PASS_THROUGH = ("train", "bench")
-COMMANDS = ("serve", "generate", "chat", "quantize", *PASS_THROUGH)
+COMMANDS = ("serve", "generate", "chat", "quantize", "plan", *PASS_THROUGH)
 
 
 def build_parser() -> CLIParser:
@@ -30,6 +30,7 @@ def build_parser() -> CLIParser:
     chat.add_generate_parser(sub)
     chat.add_chat_parser(sub)
     quantize.add_parser(sub)
+    plan.add_parser(sub)
     sub.add_parser("train", help="train the bundled demo model (nemoh train --help)", add_help=False)
     sub.add_parser("bench", help="run a benchmark script from benchmarks/", add_help=False)
     return parser

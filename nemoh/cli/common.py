@@ -232,3 +232,24 @@ def flag_names(message: str) -> str:
     """An EngineArgs message with the field names written as the flags that set them."""
     message = re.sub(r"EngineArgs\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
     return re.sub(r"^speculative_config\b", "--speculative-config", message)
+
+
+def check_memory_plan(kwargs: dict[str, Any], ckpt: Checkpoint) -> None:
+    """Refuse, before any weight is read, a start whose plan cannot hold one sequence of --max-model-len (or
+    not even the model): the one-line error says what fits (nemoh.engine.memory_plan)."""
+    import torch
+
+    from nemoh.engine.config import EngineArgs
+    from nemoh.engine.memory_plan import engine_plan
+    from nemoh.loader import resolve_dtype
+    from nemoh.quant.modelopt import QuantConfig
+
+    args = EngineArgs.from_kwargs(**kwargs)
+    config = ckpt.config
+    try:
+        plan = engine_plan(config, args, args.max_model_len or config.max_position_embeddings,
+                           torch.device(args.device), dtype=resolve_dtype(args.dtype, config),
+                           quant_config=QuantConfig.from_model_dir(ckpt.path))
+        plan.check_fits()
+    except ValueError as e:
+        raise CLIError(flag_names(str(e))) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -25,6 +26,7 @@ from nemoh.cli.common import (
     Checkpoint,
     CLIError,
     add_engine_flags,
+    check_memory_plan,
     engine_kwargs,
     load_chat_template,
     resolve_model,
@@ -61,6 +63,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", default="qwen3_coder", help="qwen3_coder (default) or none")
     p.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=None,
                    help='tool_choice "auto" (the default when a request has tools); on whenever a tool parser is set')
+    p.add_argument("--constrain-auto-tool-choice", action=argparse.BooleanOptionalAction, default=True,
+                   help='with tool_choice "auto", a call must name an offered tool with valid parameters '
+                        "(constrained decoding; default on)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template in requests (off: such requests get 400)")
@@ -73,8 +78,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="bound of the waiting queue; requests beyond it get 429")
     p.add_argument("--allowed-origins", nargs="*", default=[],
                    help="CORS origins allowed to call the API (default: none)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may finish after SIGTERM")
+    p.add_argument("--shutdown-timeout", "--drain-timeout", dest="shutdown_timeout", type=float, default=30.0,
+                   help="after SIGTERM, new requests get 503 and in-flight ones may finish for this many seconds; "
+                        "then the rest are cut and the server exits (--drain-timeout: the same)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 8 MiB)")
     p.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="serve HTTPS with this key (and --ssl-certfile)")
     p.add_argument("--ssl-certfile", default=None, metavar="FILE", help="serve HTTPS with this certificate")
@@ -124,9 +130,10 @@ def server_settings(args: argparse.Namespace, ckpt: Checkpoint, model: str | Non
             reasoning_parser=_parser_name(args.reasoning_parser, REASONING_PARSERS, "--reasoning-parser"),
             tool_call_parser=tool_parser,
             enable_auto_tool_choice=tool_parser is not None and args.enable_auto_tool_choice is not False,
+            constrain_auto_tool_choice=args.constrain_auto_tool_choice,
             trust_request_chat_template=args.trust_request_chat_template,
             max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-            drain_timeout=args.drain_timeout,
+            shutdown_timeout=args.shutdown_timeout,
             api_docs=not args.disable_fastapi_docs,
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         )
@@ -217,6 +224,9 @@ def banner(ckpt: Checkpoint, settings: Any, engine: Any, load_s: float, url: str
         f"({str(runner.kv_dtype).removeprefix('torch.')}, {kv_gib:.3f} GiB) + {runner.num_state_slots} Mamba "
         f"state slots ({state_gib:.3f} GiB) = {runner.cache_bytes / GiB:.3f} GiB",
         f"  prefix caching      {prefix}",
+        f"  memory plan         weights + copies {runner.plan.resident_bytes / GiB:.3f} GiB, step transients "
+        f"{runner.plan.transient_bytes / GiB:.3f} GiB, KV {runner.plan.kv_bytes_per_token} B/token, Mamba "
+        f"{runner.plan.mamba_bytes_per_seq / 2**20:.2f} MiB/sequence (nemoh plan prints it in full)",
         f"  loaded in           {load_s:.1f} s",
         f"  URL                 {url}/v1" + ("  (API key required)" if settings.api_key else ""),
     ]
@@ -240,6 +250,7 @@ def run_serve(args: argparse.Namespace) -> int:
     vllm_flags.check(args)
     settings = server_settings(args, ckpt, model)
     kwargs = engine_kwargs(args, ckpt)
+    check_memory_plan(kwargs, ckpt)
     template = load_chat_template(Path(args.tokenizer or ckpt.path), args.chat_template)
     check_quantization(args.quantization, ckpt)
     check_ssl(args)
@@ -251,6 +262,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except ValueError as e:  # a checkpoint that does not load, or does not fit the engine arguments
             raise CLIError(str(e)) from None
         load_s = time.monotonic() - start
+        # Admission control refuses at once what the engine would only refuse after the template and tokenizer ran.
+        settings = dataclasses.replace(settings, max_admitted_requests=engine.max_num_requests)
         holder: dict[str, Any] = {}
         app = build_app(engine, settings, template, on_engine_dead=lambda: holder["server"].stop_now())
         server = holder["server"] = make_server(

@@ -36,7 +36,7 @@ NO_EFFECT: dict[str, tuple[str, str]] = {
     "--disable-frontend-multiprocessing": (SWITCH, "nemoh's server and engine share one process"),
     "--async-scheduling": (SWITCH, "nemoh's engine runs its steps on its own thread already"),
     "--attention-backend": (VALUE, "nemoh has one attention implementation"),
-    "--guided-decoding-backend": (VALUE, "nemoh has no constrained decoding"),
+    "--guided-decoding-backend": (VALUE, "nemoh always uses llguidance for constrained decoding"),
     "--enable-reasoning": (SWITCH, "reasoning is split from content whenever --reasoning-parser is set"),
     "--reasoning-parser-plugin": (VALUE, "nemoh never loads parser code from a file; its own parsers are used"),
     "--tool-parser-plugin": (VALUE, "nemoh never loads parser code from a file; its own parsers are used"),

@@ -7,7 +7,7 @@ through a locked inbox and get their outputs through per-request `asyncio.Queue`
 
 Failure model:
 - bad input (too long, out-of-vocab ids, duplicate id) -> `ValueError` from `generate` at call time;
-- the bounded waiting queue is full -> `QueueFullError` from `generate` at call time;
+- the engine is full (running batch + bounded waiting queue) -> `QueueFullError` from `generate` at call time;
 - one request fails inside the engine -> its iterator raises `EngineError`; the others carry on;
 - the engine loop itself fails -> the engine is dead: `is_healthy()` is False, every pending iterator and every
   later `generate` raises `EngineDeadError`.
@@ -67,6 +67,10 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def grammar_compiler(self):
+        """The engine's structured-output grammar compiler (thread-safe; see grammar_compiler.py)."""
+        return self.engine.grammar_compiler()
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
@@ -78,6 +82,11 @@ class AsyncLLMEngine:
     def _check_alive(self) -> None:
         if self._dead is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine loop stopped: {self._dead!r}")
+
+    @property
+    def max_num_requests(self) -> int:
+        """Requests the engine holds at once: a full running batch plus the bounded waiting queue."""
+        return self.engine.scheduler.max_num_seqs + self.max_waiting_requests
 
     def num_waiting(self) -> int:
         return len(self._inbox) + self.engine.scheduler.num_waiting
@@ -98,8 +107,11 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id: {request_id!r} is already in use")
-            if self.num_waiting() >= self.max_waiting_requests:
-                raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
+            # Running + waiting, not waiting alone: a burst that arrives between two steps is still in the inbox
+            # (counted as waiting) while running slots are free, and must not be refused for it.
+            if self.num_waiting() + self.engine.scheduler.num_running >= self.max_num_requests:
+                raise QueueFullError(f"the engine is full ({self.engine.scheduler.max_num_seqs} running + "
+                                     f"{self.max_waiting_requests} waiting requests)")
             self._streams[request_id] = stream
             self._inbox.append((request_id, prompt, list(prompt_token_ids), sampling_params))
         self._wakeup.set()
@@ -126,6 +138,12 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         """Stop a request; its blocks and slots are freed before the next step and its iterator ends."""
         self._request_abort(request_id)
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (a drain that ran out of time); their iterators end with "abort"."""
+        with self._lock:
+            self._aborts.extend(self._streams)
+        self._wakeup.set()
 
     def _request_abort(self, request_id: str) -> None:
         with self._lock:
@@ -191,6 +209,8 @@ class AsyncLLMEngine:
         for request_id in aborts:
             out = self.engine.abort_request(request_id)
             if out is not None:
+                # As vLLM logs it; the time of this line is when the request's blocks and slots were freed.
+                logger.info("Aborted request %s.", request_id)
                 self._deliver(out)
             else:
                 with self._lock:

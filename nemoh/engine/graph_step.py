@@ -17,6 +17,8 @@ reserved KV block (`ModelRunner.pad_slot` / `pad_block`), which no sequence owns
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import torch
 
@@ -29,11 +31,34 @@ logger = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def use_persistent_inductor_cache() -> None:
+    """Inductor's compiled code goes to ~/.cache/nemoh/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise),
+    so that a restarted server reuses it instead of compiling every bucket again (its default is under /tmp)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        default = default_cache_dir()
+    except ImportError:           # older torch: leave inductor's own choice
+        return
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):    # torch fills in its default on first use
+        path = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nemoh", "inductor")
+        os.makedirs(path, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+
+
+def _progress(total: int, desc: str):
+    """A progress bar on a terminal (capturing or compiling every bucket takes seconds to minutes), else None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
 class _Bucket:
     """Static buffers and the captured step for `num_seqs` sequences of q rows (main model or MTP block)."""
 
-    def __init__(self, model, runner, num_seqs: int, q: int, max_blocks: int, mtp: bool, save_states: bool,
-                 mode: str, pool):
+    def __init__(self, model, runner, num_seqs: int, q: int, max_blocks: int, mtp: bool,
+                 saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, mode: str, pool):
         dev, bs = runner.device, runner.block_size
         rows = num_seqs * q
         self.num_seqs, self.q, self.mtp = num_seqs, q, mtp
@@ -44,11 +69,7 @@ class _Bucket:
         self.state_slots = torch.full((num_seqs,), self.pad_slot, dtype=torch.long, device=dev)
         self.block_tables = torch.full((num_seqs, max_blocks), self.pad_block, dtype=torch.long, device=dev)
         self.hidden_in = torch.zeros(rows, model.config.hidden_size, dtype=model.dtype, device=dev) if mtp else None
-        self.saved = None
-        if save_states:
-            self.saved = {i: (torch.zeros(num_seqs, q, *c.shape[1:], dtype=c.dtype, device=dev),
-                              torch.zeros(num_seqs, q, *s.shape[1:], dtype=s.dtype, device=dev))
-                          for i, (c, s) in runner.mamba_caches.items()}
+        self.saved = saved
         ctx = StepContext(num_seqs, q, self.positions, self.slot_mapping, self.state_slots, self.block_tables, bs,
                           runner.kv_caches, runner.mamba_caches, runner.kv_scales, self.saved)
 
@@ -114,11 +135,19 @@ class GraphSteps:
         self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self._made: dict[tuple[str, int], _Bucket] = {}
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         kinds = [("decode", 1)] + ([("verify", 1 + self.k), ("mtp_first", 1 + self.k), ("mtp_next", 1)]
                                    if self.k else [])
-        for kind, _ in kinds:                # largest first, so that the memory pool is sized once
-            for b in reversed(self.buckets):
-                self.bucket(kind, b)
+        if mode == "inductor":
+            use_persistent_inductor_cache()
+        todo = [(kind, b) for kind, _ in kinds for b in reversed(self.buckets)]  # largest first: the pool is sized once
+        bar = _progress(len(todo), "Capturing CUDA graphs" if mode == "cuda" else "Compiling steps")
+        for kind, b in todo:
+            self.bucket(kind, b)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         logger.info("nemoh captured steps: %s for %d batch buckets up to %d sequences (%s)",
                     {"cuda": "CUDA graphs", "inductor": "torch.compile (inductor)", "eager": "graph-safe eager"}[mode],
                     len(self.buckets), max_seqs, ", ".join(k for k, _ in kinds))
@@ -129,8 +158,19 @@ class GraphSteps:
         if key not in self._made:
             q = 1 if kind in ("decode", "mtp_next") else 1 + self.k
             self._made[key] = _Bucket(self.model, self.runner, size, q, self.max_blocks, kind.startswith("mtp"),
-                                      kind == "verify", self.mode, self.pool)
+                                      self._saved_states() if kind == "verify" else None, self.mode, self.pool)
         return self._made[key]
+
+    def _saved_states(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The per-position Mamba states of a verification, (max_seqs, 1 + k, ...) per layer: one set shared by
+        every verify bucket (a bucket of b sequences fills the first b rows; steps never overlap), so they cost
+        what one largest verification keeps, as the memory plan counts, not once per bucket."""
+        if self._saved is None:
+            dev, q = self.runner.device, 1 + self.k
+            self._saved = {i: (torch.zeros(self.max_seqs, q, *c.shape[1:], dtype=c.dtype, device=dev),
+                               torch.zeros(self.max_seqs, q, *s.shape[1:], dtype=s.dtype, device=dev))
+                           for i, (c, s) in self.runner.mamba_caches.items()}
+        return self._saved
 
     # ---- the main model -----------------------------------------------------------------------------------
     def takes(self, s: ScheduledSeq) -> int:

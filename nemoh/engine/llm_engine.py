@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ import torch
 
 from nemoh.engine.config import EngineArgs
 from nemoh.engine.detokenizer import IncrementalDetokenizer
+from nemoh.engine.grammar_compiler import GrammarCompiler
+from nemoh.engine.guided import GrammarMasks, GrammarState, TokenMasks
 from nemoh.engine.kv_cache import BlockManager
 from nemoh.engine.model_runner import ModelRunner, SeqResult
 from nemoh.engine.outputs import CompletionOutput, RequestOutput
@@ -26,16 +29,16 @@ from nemoh.engine.scheduler import Scheduler
 from nemoh.engine.sequence import Request, Sequence
 from nemoh.engine.spec_decode import DraftRequest, MTPProposer, SpecStats
 from nemoh.engine.state_cache import StateCache
-from nemoh.sampling_params import SamplingParams
+from nemoh.sampling_params import SamplingParams, StructuredOutput
 
 logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FORWARD_FAILURES = 3
 
 
 def _needs_no_processing(seq: Sequence) -> bool:
-    """Greedy with no penalty and min_tokens already reached: the token is the raw logits' argmax."""
+    """Greedy with no penalty, no grammar and min_tokens already reached: the token is the raw logits' argmax."""
     p = seq.params
-    return (p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+    return (seq.grammar is None and p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
             and seq.num_output_tokens >= p.min_tokens)
 
 
@@ -98,6 +101,9 @@ class LLMEngine:
         self.counters = EngineCounters()
         self.requests: dict[str, Request] = {}
         self._consecutive_failures = 0
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self.grammar_masks = GrammarMasks(cfg.vocab_size, self.eos_token_ids)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, **engine_args) -> "LLMEngine":
@@ -113,6 +119,23 @@ class LLMEngine:
         return cls(model, tokenizer or load_tokenizer(model_dir), args)
 
     # ---- requests -------------------------------------------------------------------------------------
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output grammars for this tokenizer (built on first use; thread-safe)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs the model's tokenizer.json")
+                self._grammar_compiler = GrammarCompiler.from_tokenizer(self.tokenizer, self.model_config.vocab_size,
+                                                                        self.eos_token_ids)
+            return self._grammar_compiler
+
+    def _grammar_state(self, structured: StructuredOutput) -> GrammarState:
+        """A sequence's grammar state, having consumed the constraint's prefix. Raises ValueError."""
+        matcher = self.grammar_compiler().matcher(structured.grammar, structured.param)
+        if structured.prefix_token_ids and not matcher.consume_tokens(list(structured.prefix_token_ids)):
+            raise ValueError(f"{structured.param}: the tokens generated so far do not follow the grammar")
+        return self.grammar_masks.new_state(matcher, structured.start_after)
+
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("prompt: this model directory has no tokenizer.json; pass token ids instead of text")
@@ -161,6 +184,8 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seq = Sequence(request_id, i, prompt_token_ids, params, max_tokens, arrival, gen)
+            if params.structured is not None:
+                seq.grammar = self._grammar_state(params.structured)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer or _NoTokenizer(), prompt_token_ids,
                                                      params.skip_special_tokens, params.stop,
                                                      params.include_stop_str_in_output)
@@ -232,7 +257,8 @@ class LLMEngine:
             rows = [SamplingRow(seqs[i].params, seqs[i].prompt_token_ids, seqs[i].output_token_ids, seqs[i].generator)
                     for i in todo]
             try:
-                todo_tokens = self.sampler.sample(torch.cat([plain[i].logits for i in todo]), rows)
+                todo_tokens = self.sampler.sample(torch.cat([plain[i].logits for i in todo]), rows,
+                                                  self._plain_masks([seqs[i] for i in todo]))
             except Exception:
                 logger.exception("batched sampling failed; sampling each sequence on its own")
                 return {}
@@ -250,6 +276,13 @@ class LLMEngine:
                 for i, entry in zip(want, entries):
                     logprobs[i] = [entry]
         return {seq.seq_id: ([t], lp) for seq, t, lp in zip(seqs, tokens, logprobs)}
+
+    def _plain_masks(self, seqs: list[Sequence]) -> TokenMasks | None:
+        """The grammar masks of the constrained ones among one-token rows, computed together."""
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows:
+            return None
+        return TokenMasks(self.grammar_masks.fill([seqs[i].grammar for i in rows]), rows)
 
     def _postprocess_isolated(self, r: SeqResult, sampled: tuple[list[int], list | None] | None) -> DraftRequest | None:
         req = self.requests[r.scheduled.seq.request_id]
@@ -288,7 +321,10 @@ class LLMEngine:
         output = seq.output_token_ids
         rows = [SamplingRow(seq.params, seq.prompt_token_ids, output + drafts[:j], seq.generator)
                 for j in range(len(drafts) + 1)]
-        logits = self.sampler.process(r.logits, rows)
+        masks = None
+        if seq.grammar is not None:
+            masks = TokenMasks(self.grammar_masks.draft_masks(seq.grammar, drafts), list(range(len(rows))))
+        logits = self.sampler.process(r.logits, rows, masks)
         if not drafts:
             return [self.sampler.draw(self.sampler.probs(logits, rows)[0], rows[0])], s.num_new_tokens
         if rows[0].is_greedy:
@@ -370,9 +406,13 @@ class LLMEngine:
                     lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
             seq.logprobs.append(logprob)
             seq.cumulative_logprob += logprob[token].logprob
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise RuntimeError(f"token {token} breaks the grammar: {seq.grammar.error}")
         stop_str = seq.detokenizer.add_token(token)
         n_out = seq.num_output_tokens
-        if stop_str is not None:
+        if seq.grammar is not None and seq.grammar.is_finished:      # the grammar allows nothing more
+            seq.finish("stop", stop_str)
+        elif stop_str is not None:
             seq.finish("stop", stop_str)
         elif n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop", None)
@@ -440,7 +480,7 @@ class LLMEngine:
                              num_cached_tokens=max(s.num_cached_tokens for s in req.seqs), error=req.error)
 
     def stats(self) -> dict:
-        spec = self.spec_stats
+        spec, plan = self.spec_stats, self.runner.plan
         return {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
@@ -462,4 +502,10 @@ class LLMEngine:
             "spec_mean_accepted_length": spec.mean_accepted_length,
             "enable_prefix_caching": self.prefix_cache is not None,
             **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
+            # the memory plan the caches were sized from (nemoh.engine.memory_plan), in bytes
+            "memory_plan_weights_bytes": plan.resident_bytes,
+            "memory_plan_transient_bytes": plan.transient_bytes,
+            "memory_plan_cache_bytes": self.runner.cache_bytes,
+            "memory_plan_kv_bytes_per_token": plan.kv_bytes_per_token,
+            "memory_plan_mamba_bytes_per_seq": plan.mamba_bytes_per_seq,
         }

@@ -1,11 +1,13 @@
 """The model runner: owns the cache tensors, turns a scheduled batch into a flat ForwardContext, runs the model.
 
-Sizing: KV blocks (every attention layer incl. the MTP block's) and Mamba state slots share one memory budget,
-`cache_memory_gb` or a fraction of the free device memory after the model is loaded. Each running sequence
-needs one slot, so slots are sized first (up to `max_num_seqs`) and the rest goes to KV blocks, capped at what
-`max_num_seqs` sequences of `max_model_len` tokens could ever use. With prefix caching, snapshot slots for
-the resume points' Mamba states (up to twice the running slots, at most a quarter of the budget) come out of
-the same budget, and the KV cap grows by what their prefixes could hold.
+Sizing (nemoh.engine.memory_plan): KV blocks (every attention layer incl. the MTP block's) and Mamba state slots
+share one budget, `cache_memory_gb` or what the device holds after the weights, their CPU copies and the peak
+transients of a step at the largest admitted shapes (a prefill chunk of max_num_batched_tokens; a verification
+of max_num_seqs sequences with its per-position Mamba states). With prefix caching, the snapshot slots for the
+resume points' Mamba states are set aside first (MemoryPlan.prefix_snapshots). Each running sequence needs one
+slot, so slots are sized next (up to `max_num_seqs`) and the rest goes to KV blocks, capped at what the slots'
+and snapshots' sequences of `max_model_len` tokens could ever use. A budget that cannot hold one sequence of
+max_model_len is an error that says what length fits.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import torch
 
 from nemoh.engine.captured_step import CapturedSteps
 from nemoh.engine.config import EngineArgs
-from nemoh.engine.kv_cache import allocate_kv_caches, blocks_for, kv_bytes_per_block, kv_cache_dtype
+from nemoh.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block, kv_cache_dtype
+from nemoh.engine.memory_plan import engine_plan
 from nemoh.engine.scheduler import ScheduledSeq
 from nemoh.engine.sequence import Sequence
 from nemoh.engine.state_cache import allocate_mamba_caches, state_bytes_per_slot
 from nemoh.models.forward_context import ForwardContext
+from nemoh.kernels import cpu_library
 from nemoh.models.linear import PACK_MIN_ELEMENTS, packed_bytes_estimate, set_packing
 
 logger = logging.getLogger(__name__)
@@ -54,17 +58,6 @@ class CapturedResult(SeqResult):
     @property
     def logits(self) -> torch.Tensor:
         return self._output.logits
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; pass cache_memory_gb")
 
 
 class ModelRunner:
@@ -103,6 +96,8 @@ class ModelRunner:
             logger.info("nemoh CPU products: packed copies of the dense weights of %d elements and more, %.3f GiB "
                         "more memory (cpu_packed_weights=False turns them off)", PACK_MIN_ELEMENTS,
                         self.packed_bytes / GiB)
+        for line in self.plan.summary_lines():
+            logger.info("nemoh memory plan: %s", line)
         logger.info(
             "nemoh cache: %d KV blocks x %d tokens = %d tokens of KV (%s, %d layers), %d Mamba state slots "
             "(ssm %s) + %d for the prefix cache, %.3f GiB", self.num_kv_blocks, self.block_size,
@@ -119,29 +114,15 @@ class ModelRunner:
         self.bytes_per_slot = state_bytes_per_slot(
             len(self.mamba_layer_ids), cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads, cfg.mamba_head_dim,
             cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype)
-        if args.cache_memory_gb is not None:
-            budget = int(args.cache_memory_gb * GiB)
-        else:
-            fraction = args.gpu_memory_utilization if self.device.type == "cuda" else args.cpu_memory_utilization
-            budget = int(max(0, available_memory_bytes(self.device) - self.packed_bytes) * fraction)
-        slots = args.num_state_slots
-        if slots is None:
-            slots = args.max_num_seqs
-            if self.bytes_per_slot and slots * self.bytes_per_slot > budget // 2:
-                slots = max(1, (budget // 2) // self.bytes_per_slot)
-        snapshots = args.prefix_cache_state_slots if args.enable_prefix_caching else 0
-        if snapshots is None:
-            snapshots = min(2 * slots, (budget // 4) // self.bytes_per_slot) if self.bytes_per_slot else 2 * slots
-        blocks_per_seq = blocks_for(max_model_len + 2 * k + 1, self.block_size)
-        blocks = args.num_kv_blocks
-        if blocks is None:
-            left = budget - (slots + snapshots) * self.bytes_per_slot
-            useful = (slots + snapshots) * blocks_per_seq
-            blocks = min(useful, left // self.bytes_per_block) if self.bytes_per_block else useful
-            if blocks < 1:
-                raise ValueError(f"cache_memory_gb: a budget of {budget / GiB:.3f} GiB leaves no room for KV blocks "
-                                 f"({self.bytes_per_block} bytes each) after {slots} + {snapshots} state slots")
-        return blocks, slots, snapshots
+        quant_config = getattr(self.model, "quant_config", None)
+        self.plan = engine_plan(cfg, args, max_model_len, self.device, dtype=self.model.dtype,
+                                quant_config=quant_config, model=self.model,
+                                native_cpu_kernels=cpu_library.library() is not None)
+        snapshots = self.plan.prefix_snapshots
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks, self.plan.cache_sizes(args.num_state_slots)[1], snapshots
+        self.plan.check_fits()
+        return (*self.plan.cache_sizes(args.num_state_slots), snapshots)
 
     @property
     def cache_bytes(self) -> int:
@@ -184,6 +165,7 @@ class ModelRunner:
             mamba_caches=self.mamba_caches,
             save_intermediate_states=save_intermediate_states,
             kv_scales=self.kv_scales,
+            reference_attention=self.args.enforce_eager,
         )
 
     @staticmethod

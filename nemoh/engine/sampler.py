@@ -1,5 +1,6 @@
 """Turning logits into tokens: penalties, min_tokens, temperature / top-k / top-p / min-p, seeded sampling,
-logprobs, and the rejection sampler that verifies speculative drafts.
+logprobs, grammar masks (constrained decoding, see guided.py), and the rejection sampler that verifies speculative
+drafts.
 
 Every row of a logits batch carries its own `SamplingRow` (params, history, generator), so a request's
 result never depends on what else is in the batch: a seeded request draws only from its own generator.
@@ -18,10 +19,12 @@ from itertools import chain
 
 import torch
 
+from nemoh.engine.guided import TokenMasks, apply_token_bitmask_
 from nemoh.engine.outputs import Logprob
 from nemoh.sampling_params import SamplingParams
 
 _EPS_TEMPERATURE = 1e-5
+_MAX_LOGIT = 1e30   # x 1 / _EPS_TEMPERATURE stays below float32's 3.4e38
 # top-p looks for the nucleus among this many largest logits of a row before it sorts the whole row
 TOP_P_CANDIDATES = 1024
 
@@ -53,17 +56,23 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     # ---- logits processing --------------------------------------------------------------------------
-    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Penalties and min_tokens. logits: (n, vocab) -> a new (n, vocab) float32 tensor."""
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow], masks: TokenMasks | None = None) -> torch.Tensor:
+        """Penalties, min_tokens and grammar masks. logits: (n, vocab) -> a new (n, vocab) float32 tensor."""
         logits = logits.to(torch.float32, copy=True)
         vocab = logits.shape[1]
         penalised = [i for i, row in enumerate(rows) if row.has_penalties]
         if penalised:
             _apply_penalties(logits, penalised, [rows[i] for i in penalised])
+            # A repetition penalty near 0 divides by a float32 0 (inf, or nan for a zero logit): keep the logits
+            # finite, and small enough that the division by the smallest temperature still is (found by schema
+            # fuzzing: repetition_penalty=1e-300 made the draw fail).
+            logits.nan_to_num_(nan=float("-inf"), posinf=_MAX_LOGIT).clamp_(max=_MAX_LOGIT)
         masked = [(i, t) for i, row in enumerate(rows) for t in self._min_tokens_stop_ids(row, vocab)]
         if masked:
             row_ids, token_ids = torch.tensor(masked, device=logits.device).T
             logits[row_ids, token_ids] = float("-inf")
+        if masks is not None:
+            apply_token_bitmask_(logits, masks)
         return logits
 
     def _min_tokens_stop_ids(self, row: SamplingRow, vocab: int) -> list[int]:
@@ -93,7 +102,7 @@ class Sampler:
         return probs
 
     # ---- sampling -----------------------------------------------------------------------------------
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], masks: TokenMasks | None = None) -> list[int]:
         """logits: (n, vocab) raw model logits -> one token id per row.
 
         Greedy rows take one argmax over them all; the others one exponential race over them all, fed by noise
@@ -101,7 +110,7 @@ class Sampler:
         """
         if not rows:
             return []
-        logits = self.process(logits, rows)
+        logits = self.process(logits, rows, masks)
         greedy, random = _split(rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         if greedy:

@@ -60,6 +60,7 @@ class Sequence:
         self.last_hidden: torch.Tensor | None = None       # MTP: main-model hidden at the last computed position
         self.pause_at: list[int] = []                      # prefill chunks end here, to save resume points
                                                            # (ascending; see PrefixCache.lookup)
+        self.grammar = None                                # GrammarState of a constrained sequence (guided.py)
 
     # ---- lengths ------------------------------------------------------------------------------------
     @property

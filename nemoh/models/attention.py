@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemoh.config import NemotronHConfig
+from nemoh.kernels.paged_attention import KEY_TILE, paged_attention, paged_attention_reference, read_kv
 from nemoh.models.forward_context import ForwardContext, StepContext, consecutive_span
 from nemoh.models.fused import SharedWeight
 from nemoh.models.linear import Linear, PackedWeight, _native_panels
@@ -104,7 +105,8 @@ class Attention(nn.Module):
             # the keys as they were written (rounded through the cache dtype, as a cache read returns them)
             rows, _ = ctx.group_index(group)
             b, t = len(group), ctx.query_lens[group[0]]
-            keys, values = _read(flat_k[ctx.slot_mapping[rows]], flat_v[ctx.slot_mapping[rows]], scales, q.dtype)
+            keys, values = read_kv(flat_k[ctx.slot_mapping[rows]], flat_v[ctx.slot_mapping[rows]], scales,
+                                   q.dtype)
             out[rows] = self._sdpa(q[rows].view(b, t, *q.shape[1:]), keys.view(b, t, *keys.shape[1:]),
                                    values.view(b, t, *values.shape[1:]), 0).reshape(b * t, *q.shape[1:])
             done.update(group)
@@ -112,20 +114,34 @@ class Attention(nn.Module):
             if e - s == 1 or i in done:
                 continue
             context_len = ctx.context_lens[i]
+            if context_len and not ctx.reference_attention:
+                # a chunk after the first: tiles of keys straight from the cache, no (chunk x context) mask
+                table = torch.tensor(ctx.block_tables[i], dtype=torch.long, device=q.device)[None]
+                out[s:e] = paged_attention(q[None, s:e], k_cache, v_cache, table,
+                                           torch.tensor([context_len], device=q.device), self.scale, scales,
+                                           max_kv_len=context_len + (e - s), min_context_len=context_len)[0]
+                continue
             keys, values = self._sequence_kv(ctx, i, context_len + (e - s), k_cache, v_cache, scales, q.dtype)
             out[s:e] = self._sdpa(q[None, s:e], keys[None], values[None], context_len)[0]
         return out
 
     def _attend_decode_batch(self, q, ctx: ForwardContext, k_cache, v_cache, scales, out) -> None:
-        """All single-token sequences in one attention over their block tables, padded to the longest."""
+        """All single-token sequences in one attention over their block tables, padded to the longest. Past
+        one key tile of context, the tiled online softmax (`paged_attention`): memory of one tile per sequence
+        instead of every sequence's whole padded context."""
+        rows, tables, mask = ctx.decode_attention_index
+        if tables.shape[1] * ctx.block_size > KEY_TILE and not ctx.reference_attention:
+            context_lens, max_kv_len = ctx.decode_context_lens
+            out[rows] = paged_attention(q[rows][:, None], k_cache, v_cache, tables, context_lens, self.scale,
+                                        scales, max_kv_len=max_kv_len)[:, 0]
+            return
         if len(ctx.single_token_seqs) == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
             self._attend_lone_stream(q, ctx, k_cache, v_cache, scales, out)
             return
-        rows, tables, mask = ctx.decode_attention_index
         b = rows.shape[0]
         blocks = ctx.decode_block_span or tables          # a view of the cache where the blocks allow it
-        keys, values = _read(k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim),
-                             v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim), scales, q.dtype)
+        keys, values = read_kv(k_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim),
+                               v_cache[blocks].view(b, -1, self.num_kv_heads, self.head_dim), scales, q.dtype)
         if b > 1 and q.dtype != torch.float32:
             out[rows] = self._one_query_attention(q[rows], keys, values, mask)
             return
@@ -146,11 +162,11 @@ class Attention(nn.Module):
 
     def _sequence_kv(self, ctx: ForwardContext, i: int, kv_len: int, k_cache, v_cache, scales, dtype):
         """Sequence i's first kv_len keys and values, (kv_len, KVH, D) each: one view of the cache where its
-        blocks are consecutive (a gather where not), then `_read`."""
+        blocks are consecutive (a gather where not), then `read_kv`."""
         blocks = ctx.block_tables[i][: (kv_len + ctx.block_size - 1) // ctx.block_size]
         idx = consecutive_span(blocks) or torch.tensor(blocks, dtype=torch.long, device=k_cache.device)
-        return _read(k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
-                     v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, dtype)
+        return read_kv(k_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len],
+                       v_cache[idx].view(-1, self.num_kv_heads, self.head_dim)[:kv_len], scales, dtype)
 
     def _lone_query_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                               kv_len: int) -> torch.Tensor:
@@ -185,8 +201,8 @@ class Attention(nn.Module):
     # ---- the graph-safe uniform step ---------------------------------------------------------------------
     def forward_step(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """x: (num_seqs * q, hidden) -> (num_seqs * q, hidden) with no host synchronisation: the rows' keys and
-        values written at ctx.slot_mapping, then each sequence's blocks gathered whole (max_blocks of them, so
-        the shapes are fixed) and row r attending the keys at positions <= positions[r]."""
+        values written at ctx.slot_mapping, then row r attending the keys at positions <= positions[r] over every
+        block of its sequence's table (max_blocks of them, so the shapes are fixed), one key tile at a time."""
         n, S, q = x.shape[0], ctx.num_seqs, ctx.q
         qs, k, v = self._project_qkv(x)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
@@ -203,21 +219,13 @@ class Attention(nn.Module):
             flat_k, flat_v = flat_k.view(torch.uint8), flat_v.view(torch.uint8)
         flat_k.index_copy_(0, ctx.slot_mapping, k.to(flat_k.dtype))
         flat_v.index_copy_(0, ctx.slot_mapping, v.to(flat_v.dtype))
-        blocks = ctx.block_tables.reshape(-1)
-        length = ctx.block_tables.shape[1] * ctx.block_size
-        keys, values = _read(k_cache.index_select(0, blocks).view(S, length, self.num_kv_heads, self.head_dim),
-                             v_cache.index_select(0, blocks).view(S, length, self.num_kv_heads, self.head_dim),
-                             (k_scale, v_scale) if quantized else None, qs.dtype)
-        visible = torch.arange(length, device=x.device)[None, :] <= ctx.positions[:, None]          # (n, length)
-        out = F.scaled_dot_product_attention(
-            qs.view(S, q, self.num_heads, self.head_dim).transpose(1, 2), keys.transpose(1, 2),
-            values.transpose(1, 2), attn_mask=visible.view(S, 1, q, length), scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(n, self.num_heads * self.head_dim))
+        scales = (k_scale, v_scale) if quantized else None
+        qs = qs.view(S, q, self.num_heads, self.head_dim)
+        if ctx.reference_attention:
+            out = paged_attention_reference(qs, k_cache, v_cache, ctx.block_tables, ctx.positions.view(S, q)[:, 0],
+                                            self.scale, scales)
+        else:   # every block of the table, tile by tile (static shapes): memory of one tile, not the context
+            out = paged_attention(qs, k_cache, v_cache, ctx.block_tables, ctx.positions.view(S, q)[:, 0],
+                                  self.scale, scales)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
-
-def _read(keys: torch.Tensor, values: torch.Tensor, scales: tuple[float, float] | None, dtype: torch.dtype):
-    """Keys and values read from the cache, in the compute dtype; an fp8 cache's scaled back by its scales."""
-    if scales is not None:
-        return keys.to(dtype) * scales[0], values.to(dtype) * scales[1]
-    return keys.to(dtype), values.to(dtype)

@@ -47,6 +47,9 @@ class ForwardContext:
     intermediate_states: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     # Optional KV scales for an FP8 KV cache, by layer index: (k_scale, v_scale) floats.
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # True: attention takes the plain reference path (each sequence's keys gathered whole, SDPA with a
+    # (query x context) mask) instead of the tiled online softmax over the cache (nemoh.kernels.paged_attention)
+    reference_attention: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -152,6 +155,13 @@ class ForwardContext:
                 torch.tensor(tables, dtype=torch.long, device=device), mask[:, None, None, :])
 
     @cached_property
+    def decode_context_lens(self) -> tuple[torch.Tensor, int]:
+        """For `single_token_seqs`: their context lengths (b,) on the cache device, and the longest key count."""
+        device = self.slot_mapping.device if self.slot_mapping is not None else None
+        lens = [self.context_lens[i] for i in self.single_token_seqs]
+        return torch.tensor(lens, dtype=torch.long, device=device), max(lens) + 1
+
+    @cached_property
     def decode_block_span(self) -> slice | None:
         """A lone single-token sequence whose blocks are consecutive (one stream on a fresh cache): its keys
         are one view of the cache, no gather."""
@@ -197,3 +207,4 @@ class StepContext:
     mamba_caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
     saved_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    reference_attention: bool = False     # see ForwardContext

@@ -18,6 +18,7 @@ import nemoh
 from nemoh.server.errors import bad_request, install_error_handlers
 from nemoh.server.metrics import ServerMetrics
 from nemoh.server.middleware import GuardMiddleware
+from nemoh.server.openapi import install_openapi
 from nemoh.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -76,6 +77,7 @@ def build_app(
     app = FastAPI(title="nemoh", version=nemoh.__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.nemoh = state
+    install_openapi(app, with_api_key=settings.api_key is not None)
     install_error_handlers(app)
     chat = ChatServing(state)
     completions = CompletionServing(state)

@@ -87,6 +87,8 @@ async def generate_choice(engine: Any, spec: ChoiceSpec) -> AsyncIterator[Choice
                 n=1,
                 max_tokens=sub_max,
                 min_tokens=max(0, min(params.min_tokens - len(generated), sub_max or params.min_tokens)),
+                # a continuation's grammar resumes where the reply is: after the think block, past its tokens
+                structured=params.structured.continued(generated) if params.structured and phase else params.structured,
             )
             request_id = spec.request_id if phase == 0 else f"{spec.request_id}-cont{phase}"
             finished = False

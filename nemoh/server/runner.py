@@ -2,8 +2,9 @@
 
 Drain: the first signal does not close the listening socket (uvicorn's default would, and new clients
 would see "connection refused" instead of an answer). The server keeps accepting; the guard answers new
-requests with 503 + Retry-After while in-flight ones finish. When they are done, or `drain_timeout` has
-passed, uvicorn is told to exit and cuts what is left. A second signal exits at once.
+requests with 503 + Retry-After while in-flight ones finish. When they are done, or `shutdown_timeout` has
+passed (less a reserve for the exit itself), uvicorn is told to exit and cuts what is left. A second signal
+exits at once.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from nemoh.server.errors import error_bytes
 from nemoh.server.settings import ServerState
 
 logger = logging.getLogger("nemoh.server")
+EXIT_RESERVE_S = 3.5   # of --shutdown-timeout, kept for the exit after the drain
 
 
 class _RememberingConnection(h11.Connection):
@@ -44,6 +46,13 @@ class NemohH11Protocol(H11Protocol):
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.conn = _RememberingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # uvicorn cancels the keep-alive timer only on a clean close; after a reset the timer kept this protocol,
+        # its buffers and its request cycle alive for timeout_keep_alive seconds (measured: a flood of 100 kB
+        # headers from clients that reset grew RSS by ~50 kB a request).
+        self._unset_keepalive_if_required()
 
     def send_400_response(self, msg: str) -> None:
         status = getattr(self.conn, "last_error_status", 400)
@@ -72,7 +81,7 @@ class NemohServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # second signal: exit now
             return
         logger.info("signal %s: draining (new requests get 503) for up to %.1f s", sig,
-                    self.state.settings.drain_timeout)
+                    self.state.settings.shutdown_timeout)
         self._loop.call_soon_threadsafe(self.begin_drain)
 
     def begin_drain(self) -> None:
@@ -82,12 +91,24 @@ class NemohServer(uvicorn.Server):
             self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.state.settings.drain_timeout
+        # The timeout bounds the whole exit, so the drain ends early enough for what follows it: uvicorn's
+        # close (up to timeout_graceful_shutdown), the engine's stop and the interpreter's exit (torch's teardown
+        # alone is 0.75-2 s on a loaded 2-core machine).
+        timeout = self.state.settings.shutdown_timeout
+        deadline = time.monotonic() + timeout - min(EXIT_RESERVE_S, timeout / 2)
         # The guard counts every request, this drain probe included, so wait for idle with some slack.
         while self.state.num_inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.state.num_inflight > 0:
             logger.warning("drain timeout: %d requests still in flight are cut", self.state.num_inflight)
+            # Cut them in the engine: their responses then end (finish_reason "abort") within a step, instead of
+            # being cancelled mid-send by uvicorn after its own grace period.
+            abort_all = getattr(self.state.engine, "abort_all", None)
+            if abort_all is not None:
+                abort_all()
+                cut_deadline = time.monotonic() + 1.0
+                while self.state.num_inflight > 0 and time.monotonic() < cut_deadline:
+                    await asyncio.sleep(0.02)
         self.should_exit = True
 
     def stop_now(self) -> None:

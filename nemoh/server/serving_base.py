@@ -59,6 +59,15 @@ def check_serving(state: ServerState) -> None:
         raise unavailable("The engine has stopped.")
 
 
+def check_num_choices(state: ServerState, num_choices: int) -> None:
+    """A request whose choices (prompts x n) outnumber what the engine can ever hold is a 400, not a 429 that no
+    retry could turn into a success."""
+    capacity = getattr(state.engine, "max_num_requests", None)
+    if capacity is not None and num_choices > capacity:
+        raise bad_request(f"This request needs {num_choices} sequences (prompts x n) but the server holds at most "
+                          f"{capacity} at once; lower n or send fewer prompts per request.", param="n")
+
+
 def resolve_max_tokens(state: ServerState, num_prompt_tokens: int, max_tokens: int | None, what: str) -> int:
     """Check prompt + max_tokens against the context; returns the max_tokens to use."""
     limit = state.engine.max_model_len

@@ -6,13 +6,13 @@ off, low → low_effort, medium/high → full thinking), then `chat_template_kwa
 generation.py for how the think block is closed when the budget runs out.
 
 tool_choice: "none" renders the tools but does not parse calls; "auto" (the default with tools) needs
-`--enable-auto-tool-choice`, as in vLLM, so that tool calls are never silently returned as text;
-"required" and a named function are honoured by the parser only (a named choice makes only that function
-count as a call). nemoh has no constrained decoding, so when the model produces no valid call the reply
-comes back as ordinary content with the engine's finish_reason: the client sees exactly what the model said.
+`--enable-auto-tool-choice`, as in vLLM, so that tool calls are never silently returned as text.
+"required", a named function, "auto" (unless `--no-constrain-auto-tool-choice`) and `response_format`
+json_object / json_schema are enforced by constrained decoding after the think block (structured.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, AsyncIterator
 
@@ -46,6 +46,7 @@ from nemoh.server.serving_base import (
     ChoiceAccumulator,
     RequestTimer,
     check_model,
+    check_num_choices,
     check_serving,
     choice_seed,
     encode,
@@ -58,6 +59,7 @@ from nemoh.server.serving_base import (
     usage,
 )
 from nemoh.server.settings import ServerState
+from nemoh.server.structured import structured_output
 from nemoh.server.streaming import DONE, prepend, sse, sse_error
 
 logger = logging.getLogger("nemoh.server")
@@ -125,6 +127,7 @@ class ChatServing:
         self.engine = state.engine
         self.tokenizer = state.engine.tokenizer
         self._close_ids = list(self.tokenizer.encode(FORCED_THINK_CLOSE, add_special_tokens=False).ids)
+        self._think_end_ids = list(self.tokenizer.encode(THINK_END, add_special_tokens=False).ids)
 
     # ---------------------------------------------------------------------------------------- prompt
 
@@ -159,9 +162,6 @@ class ChatServing:
         state = self.state
         check_serving(state)
         model = check_model(state, req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request("response_format json_object/json_schema is not supported (no constrained decoding)",
-                              param="response_format")
         tool_choice = tool_choice_value(req)
         if req.tools and tool_choice is None:
             tool_choice = "auto"  # OpenAI's default when tools are given
@@ -177,6 +177,14 @@ class ChatServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, logprobs)
         thinking = bool(kwargs.get("enable_thinking", True)) and self.settings.reasoning_parser is not None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        structured = await run_sync(structured_output, self.engine, req, tools, tool_choice,
+                                    self.settings.constrain_auto_tool_choice,
+                                    tuple(self._think_end_ids) if thinking else ())
+        if structured is not None:
+            if params.min_tokens:
+                raise bad_request("min_tokens cannot be combined with structured output", param="min_tokens")
+            params = dataclasses.replace(params, structured=structured)
         force_nonempty = bool(kwargs.get("force_nonempty_content", False))
         request_id = random_id("chatcmpl")
         specs = [
@@ -184,12 +192,13 @@ class ChatServing:
                        thinking_budget=budget if thinking else None, close_token_ids=self._close_ids)
             for i in range(req.n)
         ]
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        check_num_choices(state, len(specs))
 
         def new_parser() -> ChatOutputParser:
             return ChatOutputParser(
                 self.settings.reasoning_parser, self.settings.tool_call_parser, tools=tools,
                 thinking_enabled=thinking, force_nonempty_content=force_nonempty, tool_choice=tool_choice,
+                parallel_tool_calls=req.parallel_tool_calls is not False,
             )
 
         job = _ChatJob(self, req, model, request_id, prompt_ids, new_parser, thinking)
@@ -257,7 +266,7 @@ class _ChatJob:
             calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
                      for c in parsed.tool_calls]
             finish = acc.finish_reason
-            if calls and finish == "stop":
+            if calls and finish in ("stop", "length"):
                 finish = "tool_calls"
             choices.append(ChatChoice(
                 index=acc.index,
@@ -322,7 +331,7 @@ class _ChatJob:
                     yield self._chunk(ChatStreamChoice(index=c.index, delta=message, logprobs=logprobs), usage_now)
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
-                    if c.saw_tool_call and finish == "stop":
+                    if c.saw_tool_call and finish in ("stop", "length"):
                         finish = "tool_calls"
                     finish_reason = finish_reason or finish
                     yield self._chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(), finish_reason=finish,

@@ -26,6 +26,7 @@ from nemoh.server.serving_base import (
     ChoiceAccumulator,
     RequestTimer,
     check_model,
+    check_num_choices,
     check_serving,
     choice_seed,
     encode,
@@ -82,6 +83,7 @@ class CompletionServing:
             for i in range(req.n):
                 index = p * req.n + i
                 specs.append(ChoiceSpec(index, f"{request_id}-{index}", ids, choice_seed(params, i)))
+        check_num_choices(state, len(specs))
         job = _CompletionJob(self, req, model, request_id, prompts)
         stream = generate_choices(self.engine, specs)
         interval = state.settings.disconnect_poll_interval

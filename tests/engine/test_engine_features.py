@@ -196,11 +196,11 @@ def test_a_failing_row_of_the_batched_sampler_fails_only_its_request(llm, greedy
     if failing == "sampling":
         process = engine.sampler.process
 
-        def faulty(logits, rows):
+        def faulty(logits, rows, masks=None):
             calls.append(len(rows))
             if any(r.params is bad for r in rows) and len(calls) > 3:
                 raise RuntimeError("injected")
-            return process(logits, rows)
+            return process(logits, rows, masks)
 
         monkeypatch.setattr(engine.sampler, "process", faulty)
     else:

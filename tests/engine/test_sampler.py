@@ -30,6 +30,20 @@ def test_greedy_and_penalties():
     assert p[0, 3] == -2.0
 
 
+@pytest.mark.parametrize("temperature", [1e-5, 1.0])
+def test_extreme_penalties_keep_the_distribution_finite(temperature):
+    """repetition_penalty 1e-300 is a float32 0: the seen tokens' logits would be inf or nan (found by schema
+    fuzzing, where the draw then failed); they stay finite and the highest seen logit wins."""
+    s = Sampler(vocab_size=4, eos_token_ids=[3])
+    logits = torch.tensor([[1.0, 2.0, 0.0, -1.0]])
+    rows = [row(SamplingParams(temperature=temperature, repetition_penalty=1e-300), output=[0, 1, 2, 3])]
+    processed = s.process(logits, rows)
+    probs = s.probs(processed, rows)
+    assert not torch.isnan(processed).any() and torch.isfinite(probs).all()
+    assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
+    assert s.sample(logits, rows) in ([0], [1])
+
+
 def test_min_tokens_suppresses_eos_and_stop_ids():
     s = Sampler(vocab_size=4, eos_token_ids=[3])
     logits = torch.tensor([[0.0, 0.0, 1.0, 5.0]])

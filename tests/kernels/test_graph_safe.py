@@ -109,3 +109,28 @@ def test_step_compiles_as_one_graph(models, fmt):
         with torch.inference_mode():
             logits, _ = compiled(ids)
         assert logits.shape == (2 * q, model.config.vocab_size)
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(tiny_checkpoint, monkeypatch, caplog):
+    """A capture that fails (here: inductor raising, as it does without a C++ compiler) leaves one logged line
+    naming the cause and an engine that serves from the eager forward, the same tokens."""
+    import logging
+
+    from nemoh import LLM
+    from nemoh.engine import graph_step
+    from nemoh.sampling_params import SamplingParams
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found (set CXX)")
+
+    monkeypatch.setattr(graph_step.torch, "compile", no_compiler)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with caplog.at_level(logging.WARNING, logger="nemoh.engine.captured_step"):
+        llm = LLM(str(tiny_checkpoint), dtype="float32", cache_memory_gb=0.05, max_model_len=128,
+                  captured_step="inductor")
+    lines = [r.getMessage() for r in caplog.records if "captured steps" in r.getMessage()]
+    assert len(lines) == 1 and "RuntimeError: no C++ compiler found" in lines[0] and "eager" in lines[0]
+    assert llm.engine.runner.captured is None
+    got = llm.generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids
+    eager = LLM(str(tiny_checkpoint), dtype="float32", cache_memory_gb=0.05, max_model_len=128, enforce_eager=True)
+    assert got == eager.generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids

@@ -30,6 +30,15 @@ class ScriptedEngine:
         self.requests: list[tuple[list[int], SamplingParams]] = []
         self.healthy = True
 
+    def grammar_compiler(self):
+        """A real compiler, so that constrained requests are checked and accepted; the script ignores the grammar
+        (these tests are about the parsers)."""
+        from nemoh.engine.grammar_compiler import GrammarCompiler
+
+        if getattr(self, "_compiler", None) is None:
+            self._compiler = GrammarCompiler.from_tokenizer(self.tokenizer, 4096, [2, 11])
+        return self._compiler
+
     def _script_ids(self, prompt_ids: list[int]) -> list[int]:
         text = self.script(prompt_ids) if callable(self.script) else self.script
         return self.tokenizer.encode(text, add_special_tokens=False).ids + [11]

@@ -58,6 +58,24 @@ def start_server(engine: Any, chat_template: Any = None, **settings: Any) -> Run
     return RunningServer(f"http://{host}:{port}", host, port, engine, app, thread)
 
 
+def wait_healthy(proc: Any, base_url: str, timeout: float = 90.0) -> None:
+    """Wait until the server process `proc` answers GET /health with 200; fails if it exits or times out."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(base_url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
 def real_engine(checkpoint, **engine_args: Any):
     """The real AsyncLLMEngine over a tiny random checkpoint, sized for CPU tests."""
     from nemoh.engine.async_engine import AsyncLLMEngine

@@ -67,7 +67,10 @@ CHAT_BAD = {
               [{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}]],
     "tool_choice": ["sometimes", 5, {"type": "function"}, {"type": "function", "function": {"name": "ghost"}},
                     "required", "auto"],  # no tools given: any tool_choice but "none" is an error
-    "response_format": [{"type": "json_object"}, {"type": "json_schema"}, {"type": "yaml"}, "json"],
+    "response_format": [{"type": "json_schema"}, {"type": "yaml"}, "json",
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}},
+                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}],
     "reasoning_effort": ["extreme", 3, ""],
     "chat_template": ["{{ messages }}", "{% for x in range(10**9) %}x{% endfor %}"],
     "chat_template_kwargs": ["x", 5, [], {"enable_thinking": "no"}, {"low_effort": 1},

@@ -1,0 +1,256 @@
+"""Structured output on the demo model: validity under hostile schemas, time per token, grammar compile times.
+
+    python benchmarks/structured_output.py --requests 500      # validity table (issue 33)
+    python benchmarks/structured_output.py --timing            # time per output token, constrained vs not
+    python benchmarks/structured_output.py --compile           # compile time of 50 tools, cold and cached
+
+Validity: requests cycle over tool_choice "required", a named function and response_format json_schema, with
+hostile schemas (nested objects, enums, arrays with bounds, anyOf, required / optional mixes, unicode keys), half
+with thinking on (reasoning budget 128 tokens, closed as the server closes it), at temperature 1.0 (top_p 1.0), through the engine with the checkpoint's chat template; each
+reply goes through the chat output parser (super_v3 + qwen3_coder) and is validated with jsonschema_rs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nemoh import LLM  # noqa: E402
+from nemoh.chat import ChatOutputParser  # noqa: E402
+from nemoh.chat.grammar import response_format_constraint, tool_constraint  # noqa: E402
+from nemoh.engine.grammar_compiler import GrammarCompiler  # noqa: E402
+from nemoh.sampling_params import SamplingParams, StructuredOutput  # noqa: E402
+
+DEMO = REPO / "nemoh" / "demo" / "model"
+DEMO_TOOLS = json.loads((REPO / "nemoh" / "demo" / "tools.json").read_text())
+HOSTILE_TOOLS = [
+    {"type": "function", "function": {"name": "file_ticket", "parameters": {"type": "object", "properties": {
+        "title": {"type": "string"},
+        "priority": {"enum": ["low", "normal", "high", "urgent"]},
+        "labels": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+        "reporter": {"type": "object", "properties": {
+            "email": {"type": "string"}, "team": {"anyOf": [{"enum": ["it", "hr", "sales"]}, {"type": "null"}]}},
+            "required": ["email"], "additionalProperties": False},
+        "due_in_days": {"type": "integer", "minimum": 0, "maximum": 60}},
+        "required": ["title", "priority"]}}},
+    {"type": "function", "function": {"name": "réserver_salle", "parameters": {"type": "object", "properties": {
+        "salle": {"enum": ["Étoile", "Océan", "Forêt"]}, "durée_min": {"type": "integer", "minimum": 15,
+                                                                           "maximum": 240},
+        "participants": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+        "visio": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
+        "required": ["salle", "durée_min"]}}},
+]
+SCHEMAS = [
+    {"type": "object", "properties": {
+        "answer": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "steps": {"type": "array", "items": {"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 1, "maximum": 9}, "do": {"type": "string"}},
+            "required": ["n", "do"], "additionalProperties": False}, "minItems": 1, "maxItems": 4}},
+        "required": ["answer", "steps"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "clé_ü": {"enum": ["oui", "non"]},
+        "détail": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 999}, {"type": "string", "maxLength": 20},
+                             {"type": "null"}]},
+        "nested": {"type": "object", "properties": {"a": {"type": "object", "properties": {
+            "b": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}}, "required": ["b"],
+            "additionalProperties": False}}, "required": ["a"], "additionalProperties": False}},
+        "required": ["clé_ü", "nested"], "additionalProperties": False},
+]
+PROMPTS = ["My laptop cannot connect to the VPN since this morning.", "Please reset the password for ana@corp.com.",
+           "Book a room for the design review tomorrow.", "The printer on floor 3 is jammed again.",
+           "Is there an outage on the email server?", "I need access to the sales dashboard."]
+
+
+def requests(n: int) -> list[dict]:
+    tools = DEMO_TOOLS + HOSTILE_TOOLS
+    out = []
+    for i in range(n):
+        kind = ("required", "named", "json_schema")[i % 3]
+        item = {"kind": kind, "thinking": (i // 3) % 2 == 0, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+        if kind == "named":
+            item["tool"] = tools[i % len(tools)]
+        elif kind == "json_schema":
+            item["schema"] = SCHEMAS[i % len(SCHEMAS)]
+        out.append(item)
+    return out
+
+
+class _Reply:
+    def __init__(self, text: str, token_ids: list[int], finish_reason: str):
+        self.text, self.token_ids, self.finish_reason = text, token_ids, finish_reason
+
+
+class _Output:
+    def __init__(self, reply: _Reply):
+        self.outputs = [reply]
+
+
+def generate_with_budget(llm: LLM, prompts, params, thinking: list[bool], budget: int) -> list[_Output]:
+    """The server's reasoning budget (server/generation.py), offline: requests with thinking on first run up to
+    `budget` tokens; one still thinking then gets "</think>\\n" appended and continues with its constraint resumed
+    (StructuredOutput.continued) for the rest of its max_tokens."""
+    tokenizer = llm.get_tokenizer()
+    close = tokenizer.encode("</think>\n", add_special_tokens=False).ids
+    first = [dataclasses.replace(p, max_tokens=min(budget, p.max_tokens)) if t else p for p, t in zip(params, thinking)]
+    outs = llm.generate(prompts, first)
+    replies = [_Reply(o.outputs[0].text, list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
+    todo = [i for i, (r, t) in enumerate(zip(replies, thinking))
+            if t and r.finish_reason == "length" and len(r.token_ids) < params[i].max_tokens]
+    again_prompts, again_params = [], []
+    for i in todo:
+        r = replies[i]
+        if "</think>" not in r.text:                 # the think block still open: the server closes it
+            r.token_ids += close
+            r.text += "</think>\n"
+        again_prompts.append(prompts[i] + r.token_ids)
+        again_params.append(dataclasses.replace(params[i], max_tokens=params[i].max_tokens - len(r.token_ids),
+                                                structured=params[i].structured.continued(r.token_ids)))
+    for i, o in zip(todo, llm.generate(again_prompts, again_params) if todo else []):
+        replies[i].text += o.outputs[0].text
+        replies[i].token_ids += list(o.outputs[0].token_ids)
+        replies[i].finish_reason = o.outputs[0].finish_reason
+    return [_Output(r) for r in replies]
+
+
+def validity(llm: LLM, n: int, max_tokens: int, thinking_budget: int) -> None:
+    import jsonschema_rs
+
+    engine, tokenizer = llm.engine, llm.get_tokenizer()
+    compiler = engine.grammar_compiler()
+    template = llm._template()
+    tools = DEMO_TOOLS + HOSTILE_TOOLS
+    think_end = tuple(tokenizer.encode("</think>", add_special_tokens=False).ids)
+    validators = {t["function"]["name"]: jsonschema_rs.validator_for(t["function"]["parameters"]) for t in tools}
+    items = requests(n)
+    prompts, params = [], []
+    for it in items:
+        messages = [{"role": "user", "content": it["prompt"]}]
+        if it["kind"] == "json_schema":
+            c = response_format_constraint({"type": "json_schema", "json_schema": {"name": "r", "schema": it["schema"]}})
+            text = template.render(messages, add_generation_prompt=True, enable_thinking=it["thinking"])
+        else:
+            choice = "required" if it["kind"] == "required" else {"type": "function", "function": {
+                "name": it["tool"]["function"]["name"]}}
+            c = tool_constraint(tools, choice, None, compiler.marker)
+            text = template.render(messages, tools=tools, add_generation_prompt=True, enable_thinking=it["thinking"])
+        structured = StructuredOutput(c.grammar, c.param, think_end if it["thinking"] else ())
+        prompts.append(tokenizer.encode(text, add_special_tokens=False).ids)
+        params.append(SamplingParams(temperature=1.0, top_p=1.0, seed=it["seed"], max_tokens=max_tokens,
+                                     structured=structured))
+    start = time.perf_counter()
+    outs = generate_with_budget(llm, prompts, params, [it["thinking"] for it in items], thinking_budget)
+    elapsed = time.perf_counter() - start
+    table: dict[tuple, dict] = defaultdict(lambda: defaultdict(int))
+    failures = []
+    for it, out in zip(items, outs):
+        c = out.outputs[0]
+        row = table[(it["kind"], it["thinking"])]
+        row["n"] += 1
+        row["tokens"] += len(c.token_ids)
+        row[f"finish_{c.finish_reason}"] += 1
+        parser = ChatOutputParser("super_v3", "qwen3_coder", tools=tools, thinking_enabled=it["thinking"])
+        parsed = parser.parse(c.text)
+        row["reasoning"] += bool(parsed.reasoning)
+        try:
+            if it["kind"] == "json_schema":
+                ok = jsonschema_rs.validator_for(it["schema"]).is_valid(json.loads(parsed.content or ""))
+            else:
+                names = validators if it["kind"] == "required" else {it["tool"]["function"]["name"]}
+                ok = bool(parsed.tool_calls) and all(
+                    tc.name in names and validators[tc.name].is_valid(json.loads(tc.arguments))
+                    for tc in parsed.tool_calls)
+        except ValueError:
+            ok = False
+        row["valid"] += ok
+        if not ok:
+            failures.append((it["kind"], c.finish_reason, c.text[-300:]))
+    total = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"{n} requests, {total} tokens in {elapsed:.0f} s ({total / elapsed:.0f} tok/s), temperature 1.0")
+    print("| constraint | thinking | requests | valid | reasoning present | finish stop / length | mean tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for (kind, thinking), row in sorted(table.items()):
+        print(f"| {kind} | {'on' if thinking else 'off'} | {row['n']} | {row['valid']} ({100 * row['valid'] / row['n']:.0f}%)"
+              f" | {row['reasoning']} | {row['finish_stop']} / {row['finish_length']} | {row['tokens'] / row['n']:.0f} |")
+    for f in failures[:5]:
+        print("INVALID", f)
+
+
+def timing(llm: LLM, rounds: int, batch: int, max_tokens: int) -> None:
+    """Seconds per output token, constrained (json_object, thinking off) vs not, alternating sides; medians."""
+    tokenizer = llm.get_tokenizer()
+    template = llm._template()
+    text = template.render([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
+                           enable_thinking=False)
+    prompt = tokenizer.encode(text, add_special_tokens=False).ids
+    c = response_format_constraint({"type": "json_object"})
+    free = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
+    sides = {"unconstrained": free, "json_object": None}
+    per_token: dict[str, list[float]] = defaultdict(list)
+    for r in range(rounds + 1):
+        for name in sides:
+            params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=r * batch + i,
+                                     structured=StructuredOutput(c.grammar, c.param)) if name == "json_object"
+                      else free for i in range(batch)]
+            start = time.perf_counter()
+            outs = llm.generate([prompt] * batch, params)
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            if r:                                       # round 0 is the warm-up
+                per_token[name].append(elapsed / tokens * batch)  # seconds per token of one sequence
+    base = statistics.median(per_token["unconstrained"])
+    print(f"batch {batch}: ms per output token (per sequence), medians of {rounds} rounds")
+    for name, values in per_token.items():
+        print(f"  {name:<14} {1e3 * statistics.median(values):7.2f} ms   ratio {statistics.median(values) / base:.2f}x")
+
+
+def compile_times(llm: LLM, num_tools: int) -> None:
+    tools = [{"type": "function", "function": {**t["function"], "name": f"{t['function']['name']}_{i}"}}
+             for i in range(num_tools) for t in [(DEMO_TOOLS + HOSTILE_TOOLS)[i % 9]]]
+    tokenizer = llm.get_tokenizer()
+    compiler = GrammarCompiler.from_tokenizer(tokenizer, llm.engine.model_config.vocab_size, llm.engine.eos_token_ids)
+    start = time.perf_counter()
+    c = tool_constraint(tools, "required", None, compiler.marker)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    compiler.matcher(c.grammar, c.param)
+    cold = time.perf_counter() - start
+    warm = []
+    for _ in range(20):
+        start = time.perf_counter()
+        compiler.matcher(c.grammar, c.param)
+        warm.append(time.perf_counter() - start)
+    print(f"{num_tools} tools: grammar text {len(c.grammar)} chars built in {1e3 * built:.1f} ms; compile "
+          f"{1e3 * cold:.1f} ms cold, {1e3 * statistics.median(warm):.2f} ms from the cache")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEMO))
+    ap.add_argument("--requests", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--thinking-budget", type=int, default=128, help="max_thinking_tokens of thinking requests")
+    ap.add_argument("--timing", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--num-tools", type=int, default=50)
+    args = ap.parse_args()
+    llm = LLM(args.model, dtype="float32", max_model_len=4096, max_num_seqs=32)
+    if args.requests:
+        validity(llm, args.requests, args.max_tokens, args.thinking_budget)
+    if args.timing:
+        timing(llm, args.rounds, args.batch, 64)
+    if args.compile:
+        compile_times(llm, args.num_tools)
+
+
+if __name__ == "__main__":
+    main()
