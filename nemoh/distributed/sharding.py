@@ -103,6 +103,8 @@ def _rule(name: str, shape: list[int], config: NemotronHConfig, layout: Parallel
         """Input features [start, stop) of a layer `width` wide; a bias of such a layer is added once."""
         if tensor == "bias":
             return TensorSlice(name, zero=layout.rank != 0)
+        if len(shape) < 2:
+            return whole                                # a per-tensor scale
         scale = shape[1] / width                       # 1, 1/2 (NVFP4 codes), 1/16 (NVFP4 block scales)
         return TensorSlice(name, 1, [(int(start * scale), int(stop * scale))])
 

@@ -65,6 +65,10 @@ class ParallelDriver:
         self.closed = True
         if self.workers is not None:
             self.workers.shutdown()
+        import torch.distributed as dist
+
+        if dist.is_initialized():       # another engine may start in this process later
+            dist.destroy_process_group()
 
 
 class DriverRunner:
