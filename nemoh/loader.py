@@ -81,15 +81,26 @@ def _open(path: str):
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file: {e}") from None
 
 
-def _build_model(config: NemotronHConfig, model_dir: str, dtype: torch.dtype, device: torch.device):
-    with torch.device("meta"):
-        model = NemotronHForCausalLM(config)
+def _build_model(config: NemotronHConfig, model_dir: str, dtype: torch.dtype, device: torch.device,
+                 layout=None, tp=None):
     from nemoh.quant.modelopt import QuantConfig
     from nemoh.quant.linear import apply_quantization
 
     qcfg = QuantConfig.from_model_dir(model_dir)
+    with torch.device("meta"):
+        if layout is None:
+            model = NemotronHForCausalLM(config)
+        else:           # one tensor-parallel rank's share (nemoh.distributed.sharding)
+            from nemoh.distributed.sharding import build_local_model
+
+            layout.check(config, qcfg.quant_algo if qcfg is not None else None)
+            model = build_local_model(config, layout, tp)
     if qcfg is not None:
         apply_quantization(model, qcfg)
+    if layout is not None:
+        from nemoh.distributed.sharding import keep_local_experts
+
+        keep_local_experts(model, config, layout)
     model.quant_config = qcfg
     # Allocate every tensor once, in its final dtype, without touching its pages (torch.empty_like from the
     # meta device would fault them in, doubling peak memory before a byte is read).
@@ -126,6 +137,34 @@ def _check_and_copy(target: torch.Tensor, shard: SafetensorsFile, name: str, rul
         raise CheckpointError(f"{shard.path}: tensor {name!r} cannot be read: {e}") from None
 
 
+def _read_share(target: torch.Tensor, shard: SafetensorsFile, name: str, share) -> None:
+    """Tensor parallel: read this rank's rows or columns of `name` (nemoh.distributed.sharding.TensorSlice)."""
+    info = shard.tensors[name]
+    if share.zero:
+        target.zero_()
+        return
+    shape = list(info.shape)
+    size = sum(b - a for a, b in share.ranges)
+    shape[share.dim] = size
+    buf = torch.empty(shape, dtype=info.dtype)
+    rows = target.shape[0] if target.dim() else 0
+    fits = list(buf.shape) == list(target.shape) or (
+        share.dim == 0 and size <= rows and list(buf.shape[1:]) == list(target.shape[1:]))   # a padded vocab slice
+    if not fits or info.dtype.is_floating_point != target.is_floating_point():
+        raise CheckpointError(f"{shard.path}: tensor {name!r} of shape {info.shape}: this rank's share "
+                              f"{list(buf.shape)} ({share.ranges} of dim {share.dim}) does not fit "
+                              f"{list(target.shape)} {target.dtype}")
+    try:
+        shard.read_slice_into(name, buf, share.dim, share.ranges)
+    except (SafetensorsFormatError, OSError) as e:
+        raise CheckpointError(f"{shard.path}: tensor {name!r} cannot be read: {e}") from None
+    if share.dim == 0 and size < rows:         # the last rank's vocabulary rows, padded with zeros
+        target[size:].zero_()
+        target[:size].copy_(buf)
+    else:
+        target.copy_(buf)
+
+
 def _rule_for(model: torch.nn.Module, name: str) -> str | None:
     module_name, _, tensor_name = name.rpartition(".")
     try:
@@ -151,11 +190,15 @@ def load_model(
     device: str | torch.device = "cpu",
     strict: bool = False,
     progress: bool | None = None,
+    layout=None,
+    tp=None,
 ) -> NemotronHForCausalLM:
     """Load a NemotronH checkpoint in the Hugging Face layout from a local directory.
 
     dtype: "auto" (the checkpoint's torch_dtype), "float32", "bfloat16" or "float16"; quantized weights
     (NVFP4, FP8) stay packed whatever dtype says. strict: unexpected tensors are an error, not a warning.
+    layout (nemoh.distributed.ParallelLayout) and tp (its TPGroup): load one tensor-parallel rank's share only,
+    reading just its slices of each tensor.
     """
     model_dir = os.fspath(path)
     if not os.path.isdir(model_dir):
@@ -164,7 +207,11 @@ def load_model(
     target_dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
     tensors = shard_map(model_dir)
-    model = _build_model(config, model_dir, target_dtype, device)
+    if layout is not None and not layout.is_parallel:
+        layout = None
+    model = _build_model(config, model_dir, target_dtype, device, layout, tp)
+    if layout is not None:
+        from nemoh.distributed.sharding import tensor_slice
 
     expected = dict(model.named_parameters())
     expected.update(dict(model.named_buffers()))
@@ -189,7 +236,16 @@ def load_model(
             for name in names:
                 if name not in present:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but not in this shard")
-                if name in expected:
+                share = None if layout is None else tensor_slice(name, shard.tensors[name].shape, config, layout)
+                if share is not None and share.skip:
+                    pass                                       # another rank's expert
+                elif share is not None and share.target in expected and (share.dim is not None or share.zero):
+                    _read_share(expected[share.target], shard, name, share)
+                    loaded.add(share.target)
+                elif share is not None and share.target in expected:
+                    _check_and_copy(expected[share.target], shard, name, _rule_for(model, share.target))
+                    loaded.add(share.target)
+                elif name in expected:
                     _check_and_copy(expected[name], shard, name, _rule_for(model, name))
                     loaded.add(name)
                 elif (m := KV_SCALE_RE.match(name)) and m.group(2) == m.group(3):

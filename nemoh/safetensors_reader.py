@@ -97,6 +97,37 @@ class SafetensorsFile:
         if self.file.readinto(_writable_bytes(out)) != info.end - info.start:
             raise SafetensorsFormatError(f"tensor {name!r}: short read (truncated file)")
 
+    def read_slice_into(self, name: str, out: torch.Tensor, dim: int, ranges: list[tuple[int, int]],
+                        chunk_bytes: int = 8 << 20) -> None:
+        """Fill the contiguous CPU tensor `out` (same dtype) with rows (dim 0) or columns (dim 1, 2-D tensors)
+        [start, stop) of each range, concatenated: a tensor-parallel rank's share, read without the rest of the
+        tensor ever being in memory (columns go through a buffer of at most `chunk_bytes` of whole rows)."""
+        info = self.tensors[name]
+        row_bytes = info.dtype.itemsize
+        for d in info.shape[1:]:
+            row_bytes *= d
+        base = self.data_start + info.start
+        if dim == 0:
+            offset = 0
+            for start, stop in ranges:
+                part = out.narrow(0, offset, stop - start)
+                self.file.seek(base + start * row_bytes)
+                if self.file.readinto(_writable_bytes(part)) != (stop - start) * row_bytes:
+                    raise SafetensorsFormatError(f"tensor {name!r}: short read (truncated file)")
+                offset += stop - start
+            return
+        if dim != 1 or len(info.shape) != 2:
+            raise ValueError(f"tensor {name!r}: column slices are read from 2-D tensors only")
+        num_rows = info.shape[0]
+        step = max(1, chunk_bytes // max(row_bytes, 1))
+        buf = torch.empty(min(step, num_rows), info.shape[1], dtype=info.dtype)
+        for r0 in range(0, num_rows, step):
+            n = min(step, num_rows - r0)
+            self.file.seek(base + r0 * row_bytes)
+            if self.file.readinto(_writable_bytes(buf[:n])) != n * row_bytes:
+                raise SafetensorsFormatError(f"tensor {name!r}: short read (truncated file)")
+            out[r0:r0 + n] = torch.cat([buf[:n, a:b] for a, b in ranges], dim=1)
+
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=info.dtype)

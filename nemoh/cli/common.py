@@ -139,7 +139,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "default on")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="directory with the tokenizer.json and chat template to use (default: the model's)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks the model is sharded over, one process per GPU (or CPU process); under torchrun, "
+                        "its WORLD_SIZE")
+    g.add_argument("--enable-expert-parallel", action="store_true", default=False,
+                   help="with --tensor-parallel-size: routed experts split by expert instead of by width")
     g.add_argument("--seed", type=int, default=None)
 
 
@@ -188,13 +192,14 @@ def resolve_device(flag: str | None) -> str:
 
 def engine_kwargs(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, Any]:
     """EngineArgs from the flags, with the defaults that are the same for every checkpoint."""
-    if args.tensor_parallel_size != 1:
-        raise CLIError("--tensor-parallel-size: nemoh runs on one device; only 1 is supported")
     if args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise CLIError(f"--tokenizer {args.tokenizer}: no tokenizer.json there; pass the directory that holds it")
     kwargs: dict[str, Any] = {"dtype": args.dtype, "device": resolve_device(args.device),
                               "kv_cache_dtype": args.kv_cache_dtype,
-                              "speculative_config": speculative_config(args.speculative_config, ckpt)}
+                              "speculative_config": speculative_config(args.speculative_config, ckpt),
+                              "tensor_parallel_size": args.tensor_parallel_size,
+                              "enable_expert_parallel": args.enable_expert_parallel}
+    check_parallel(kwargs, ckpt)
     optional = {
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
@@ -228,6 +233,24 @@ def engine_kwargs(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, Any]:
     return kwargs
 
 
+def check_parallel(kwargs: dict[str, Any], ckpt: Checkpoint) -> None:
+    """--tensor-parallel-size / --enable-expert-parallel against the model's sizes and this machine's devices,
+    before any weight is read (nemoh.distributed.layout)."""
+    from nemoh.distributed.launch import check_devices
+    from nemoh.distributed.layout import ParallelLayout
+    from nemoh.quant.modelopt import QuantConfig
+
+    n = kwargs["tensor_parallel_size"]
+    if not isinstance(n, int) or n < 1:
+        raise CLIError(f"--tensor-parallel-size {n}: must be a positive integer")
+    try:
+        qcfg = QuantConfig.from_model_dir(ckpt.path)
+        ParallelLayout(n, 0, kwargs["enable_expert_parallel"]).check(ckpt.config, qcfg.quant_algo if qcfg else None)
+        check_devices(n, kwargs["device"])
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def flag_names(message: str) -> str:
     """An EngineArgs message with the field names written as the flags that set them."""
     message = re.sub(r"EngineArgs\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
@@ -247,6 +270,8 @@ def check_memory_plan(kwargs: dict[str, Any], ckpt: Checkpoint) -> None:
     args = EngineArgs.from_kwargs(**kwargs)
     config = ckpt.config
     try:
+        if args.tensor_parallel_size > 1:     # each rank checks its own share once it has loaded it
+            return
         plan = engine_plan(config, args, args.max_model_len or config.max_position_embeddings,
                            torch.device(args.device), dtype=resolve_dtype(args.dtype, config),
                            quant_config=QuantConfig.from_model_dir(ckpt.path))

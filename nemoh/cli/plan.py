@@ -29,6 +29,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "= 74.5 GiB); default: plan for this machine's CPU memory")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is sharded over")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: routed experts split by expert instead of by width")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the checkpoint's max_position_embeddings)")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -108,7 +110,8 @@ def run_plan(args: argparse.Namespace) -> int:
                              block_size=engine_args.block_size, max_model_len=max_model_len,
                              max_num_seqs=engine_args.max_num_seqs,
                              max_num_batched_tokens=engine_args.max_num_batched_tokens, num_speculative_tokens=k,
-                             tp=args.tensor_parallel_size, device_type="cuda",
+                             tp=args.tensor_parallel_size, expert_parallel=args.enable_expert_parallel,
+                             device_type="cuda",
                              utilization=engine_args.gpu_memory_utilization)
             if engine_args.enable_prefix_caching:
                 plan.prefix_snapshots = (engine_args.prefix_cache_state_slots

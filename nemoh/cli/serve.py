@@ -250,6 +250,16 @@ def run_serve(args: argparse.Namespace) -> int:
     vllm_flags.check(args)
     settings = server_settings(args, ckpt, model)
     kwargs = engine_kwargs(args, ckpt)
+    from nemoh.distributed.launch import torchrun_rank
+
+    rank = torchrun_rank()
+    if rank is not None and rank.rank > 0 and args.tensor_parallel_size > 1:
+        # under torchrun every process runs `nemoh serve`: rank 0 serves, the others are its workers
+        from nemoh.distributed.worker import run_worker
+        from nemoh.engine.config import EngineArgs
+
+        run_worker(rank, str(ckpt.path), EngineArgs.from_kwargs(**kwargs))
+        return 0
     check_memory_plan(kwargs, ckpt)
     template = load_chat_template(Path(args.tokenizer or ckpt.path), args.chat_template)
     check_quantization(args.quantization, ckpt)

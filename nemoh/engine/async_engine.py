@@ -77,7 +77,7 @@ class AsyncLLMEngine:
 
     # ---- the coroutine side ---------------------------------------------------------------------------
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and self._thread.is_alive() and self.engine.workers_alive()
 
     def _check_alive(self) -> None:
         if self._dead is not None or not self._thread.is_alive():
@@ -170,6 +170,7 @@ class AsyncLLMEngine:
         self._stopping = True
         self._wakeup.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        self.engine.close()             # tensor parallel: ends the workers
 
     # ---- the engine thread ----------------------------------------------------------------------------
     def _run_loop(self) -> None:

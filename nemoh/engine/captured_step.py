@@ -132,6 +132,10 @@ class CapturedSteps:
         if args.enforce_eager:
             logger.info("nemoh captured steps: off (enforce_eager); every step runs the eager PyTorch forward")
             return None
+        if getattr(model, "tp", None) is not None:
+            logger.info("nemoh captured steps: off under tensor parallelism (the captured steps are single-rank); "
+                        "every step runs the eager PyTorch forward")
+            return None
         k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
         max_seqs = min(args.max_num_seqs, runner.num_state_slots)
         mode = args.captured_step

@@ -74,6 +74,9 @@ class EngineArgs:
                                                    # from the memory budget (up to 2 x the running slots)
     # speculative decoding
     speculative_config: SpeculativeConfig | dict | None = None
+    # parallelism (nemoh.distributed): ranks over devices, one process each; rank 0 drives
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False          # routed experts split by expert instead of by width
 
     def __post_init__(self) -> None:
         self.speculative_config = SpeculativeConfig.from_any(self.speculative_config)
@@ -88,7 +91,8 @@ class EngineArgs:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, "must be a positive integer")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests",
+                     "tensor_parallel_size"):
             positive_int(name)
         for name in ("max_model_len", "num_kv_blocks", "num_state_slots"):
             positive_int(name, allow_none=True)
@@ -103,7 +107,7 @@ class EngineArgs:
             bad("mamba_ssm_cache_dtype", f"must be one of {SSM_CACHE_DTYPES}")
         if self.cache_memory_gb is not None and not self.cache_memory_gb > 0:
             bad("cache_memory_gb", "must be > 0")
-        for name in ("cpu_packed_weights", "enforce_eager", "enable_prefix_caching"):
+        for name in ("cpu_packed_weights", "enforce_eager", "enable_prefix_caching", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         for name in ("gpu_memory_utilization", "cpu_memory_utilization"):

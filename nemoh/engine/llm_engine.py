@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -67,7 +67,7 @@ class EngineCounters:
 
 
 class LLMEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer=None, args: EngineArgs | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer=None, args: EngineArgs | None = None, parallel=None):
         self.args = args = args or EngineArgs()
         self.model = model
         self.model_config = cfg = model.config
@@ -104,6 +104,11 @@ class LLMEngine:
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self.grammar_masks = GrammarMasks(cfg.vocab_size, self.eos_token_ids)
+        # tensor parallel: the workers' handle (nemoh.distributed.worker.ParallelDriver), which from here on
+        # broadcasts every runner call's inputs to them
+        self.parallel = parallel
+        if parallel is not None:
+            parallel.attach(self)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, **engine_args) -> "LLMEngine":
@@ -115,8 +120,32 @@ class LLMEngine:
             tokenizer = load_tokenizer(args.tokenizer)
             if tokenizer is None:
                 raise ValueError(f"tokenizer: {args.tokenizer} has no tokenizer.json")
+        if args.tensor_parallel_size > 1:
+            from nemoh.distributed.worker import load_parallel
+
+            if args.enable_prefix_caching:
+                # the workers do not yet mirror the prefix cache's state and block copies (nor the MTP hidden
+                # a resume point keeps): off rather than wrong
+                logger.warning("nemoh: prefix caching is off under tensor parallelism (not supported yet)")
+                args = replace(args, enable_prefix_caching=False)
+
+            model, parallel = load_parallel(os.fspath(model_dir), args)
+            try:
+                return cls(model, tokenizer or load_tokenizer(model_dir), args, parallel)
+            except BaseException:
+                parallel.close()
+                raise
         model = nemoh.load_model(model_dir, dtype=args.dtype, device=args.device)
         return cls(model, tokenizer or load_tokenizer(model_dir), args)
+
+    def workers_alive(self) -> bool:
+        """False once a tensor-parallel worker has died (always True on one rank)."""
+        return self.parallel is None or self.parallel.alive()
+
+    def close(self) -> None:
+        """End the tensor-parallel workers, if any (idempotent)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     # ---- requests -------------------------------------------------------------------------------------
     def grammar_compiler(self) -> GrammarCompiler:

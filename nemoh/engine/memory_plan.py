@@ -28,8 +28,6 @@ from nemoh.kernels.paged_attention import KEY_TILE, QUERY_TILE
 GiB = 1024 ** 3
 KINDS = ("routed experts", "shared experts", "MoE router + latent", "Mamba", "attention", "dense MLP",
          "embeddings + head", "norms", "MTP")
-# Tensors that tensor parallelism replicates rather than shards: norms, routers, biases (all small).
-_REPLICATED_KINDS = ("norms",)
 
 
 def tensor_dtype(module: nn.Module, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
@@ -154,6 +152,26 @@ def count_weights(tensors, config: NemotronHConfig, dtype: torch.dtype) -> Weigh
     return count
 
 
+def device_share(tensors, config: NemotronHConfig, dtype: torch.dtype, layout) -> int:
+    """Bytes of `tensors` (the whole model's) that one rank of `layout` loads: the rows / columns its sharding rule
+    reads (a padded vocabulary slice counts whole), nothing of another rank's experts, replicated tensors whole."""
+    from nemoh.distributed.sharding import tensor_slice
+
+    total = 0
+    for mod_name, module, tname, t in tensors:
+        name = f"{mod_name}.{tname}" if mod_name else tname
+        nbytes = t.numel() * tensor_dtype(module, t, dtype).itemsize
+        share = tensor_slice(name, list(t.shape), config, layout)
+        if share.skip:
+            continue
+        if share.dim is not None:
+            rows = layout.vocab(config.vocab_size)[2] if name in ("backbone.embeddings.weight", "lm_head.weight") \
+                else sum(b - a for a, b in share.ranges)
+            nbytes = nbytes * rows // t.shape[share.dim]
+        total += nbytes
+    return total
+
+
 def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -168,7 +186,7 @@ def activation_bytes(config: NemotronHConfig, num_tokens: int, num_seqs: int, q_
     hidden = c.hidden_size
     out: dict[str, int] = {"residual stream": 4 * T * hidden * a}
     if "mamba" in c.layer_types:
-        H, P, N, G, cs = c.mamba_num_heads // tp, c.mamba_head_dim, c.ssm_state_size, c.n_groups, c.chunk_size
+        H, P, N, G, cs = c.mamba_num_heads // tp, c.mamba_head_dim, c.ssm_state_size, c.n_groups // tp, c.chunk_size
         d_inner, conv_dim = H * P, H * P + 2 * G * N
         chunks = (T + cs - 1) // cs + num_seqs
         out["Mamba layer"] = (
@@ -228,6 +246,7 @@ class MemoryPlan:
     # Mamba state snapshots kept for the prefix cache's resume points (nemoh.engine.prefix_cache): set by
     # engine_plan / `nemoh plan` with prefix caching on; they come out of the cache budget before sequences do
     prefix_snapshots: int = 0
+    expert_parallel: bool = False
 
     @property
     def usable_bytes(self) -> int:
@@ -329,7 +348,8 @@ class MemoryPlan:
         c, g = self.config, GiB
         w = self.weights
         lines = [f"device memory {self.device_bytes / g:.2f} GiB x {self.utilization:g} = {self.usable_bytes / g:.2f}"
-                 f" GiB usable; tensor parallel {self.tp} ({self.device_type})",
+                 f" GiB usable; tensor parallel {self.tp}{' + expert parallel' if self.expert_parallel else ''}"
+                 f" ({self.device_type})",
                  f"parameters {w.total_params / 1e9:.2f}B ({w.total_params:,}); weights "
                  f"{self.quant_algo or str(self.weight_dtype).removeprefix('torch.')}, "
                  f"{w.total_bytes / g:.2f} GiB in all, {self.resident.get('weights', 0) / g:.2f} GiB per device"]
@@ -369,19 +389,22 @@ def make_plan(config: NemotronHConfig, *, device_bytes: int, quant_config=None, 
               block_size: int = 16, max_model_len: int | None = None, max_num_seqs: int = 64,
               max_num_batched_tokens: int = 2048, num_speculative_tokens: int = 0, tp: int = 1,
               device_type: str = "cuda", utilization: float = 0.9, native_cpu_kernels: bool = True,
-              cpu_packed_weights: bool = True, model: nn.Module | None = None) -> MemoryPlan:
+              cpu_packed_weights: bool = True, model: nn.Module | None = None,
+              expert_parallel: bool = False) -> MemoryPlan:
     """The plan for one device of `device_bytes` (see the module docstring); `model`: an already built model
     (meta or loaded) to count instead of building one on the meta device."""
-    if tp < 1 or config.num_key_value_heads % tp and tp % config.num_key_value_heads:
-        raise ValueError(f"tensor_parallel_size: {tp} does not divide the {config.num_key_value_heads} KV heads")
-    tensors = loaded_tensors(model) if model is not None else model_tensors(config, quant_config)
+    from nemoh.distributed.layout import ParallelLayout
+
+    layout = ParallelLayout(tp, 0, expert_parallel)
+    layout.check(config, getattr(quant_config, "quant_algo", None))
+    tensors = list(loaded_tensors(model) if model is not None else model_tensors(config, quant_config))
     weights = count_weights(tensors, config, dtype)
     k = num_speculative_tokens
     kv_dtype = kv_cache_dtype or dtype
     ssm_dtype = ssm_cache_dtype or getattr(torch, config.mamba_ssm_cache_dtype)
     max_model_len = max_model_len or config.max_position_embeddings
-    # per device: sharded kinds divided by tp, replicated kinds whole
-    per_device = sum(b if kind in _REPLICATED_KINDS else -(-b // tp) for kind, b in weights.bytes.items())
+    # per device: each tensor's share by the sharding rules the loader reads with (nemoh.distributed.sharding)
+    per_device = sum(weights.bytes.values()) if tp == 1 else device_share(tensors, config, dtype, layout)
     resident = {"weights": per_device}
     if device_type == "cpu":
         if native_cpu_kernels and dtype != torch.float32:
@@ -392,7 +415,7 @@ def make_plan(config: NemotronHConfig, *, device_bytes: int, quant_config=None, 
     kv_heads = max(1, config.num_key_value_heads // tp)
     kv_bytes_per_token = 2 * kv_layers * kv_heads * config.head_dim * _elem(kv_dtype)
     mamba_heads = config.mamba_num_heads // tp
-    conv_dim = mamba_heads * config.mamba_head_dim + 2 * config.n_groups * config.ssm_state_size
+    conv_dim = mamba_heads * config.mamba_head_dim + 2 * (config.n_groups // tp) * config.ssm_state_size
     slot = (conv_dim * (config.conv_kernel - 1) * _elem(dtype)
             + mamba_heads * config.mamba_head_dim * config.ssm_state_size * _elem(ssm_dtype))
     mamba_bytes_per_seq = len(config.mamba_layer_ids) * slot
@@ -426,7 +449,8 @@ def make_plan(config: NemotronHConfig, *, device_bytes: int, quant_config=None, 
                       ssm_dtype=ssm_dtype, block_size=block_size, max_model_len=max_model_len,
                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                       num_speculative_tokens=k, device_type=device_type, resident=resident, transient=transient,
-                      kv_bytes_per_token=kv_bytes_per_token, mamba_bytes_per_seq=mamba_bytes_per_seq)
+                      kv_bytes_per_token=kv_bytes_per_token, mamba_bytes_per_seq=mamba_bytes_per_seq,
+                      expert_parallel=expert_parallel and tp > 1)
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:

@@ -69,6 +69,10 @@ class TopKRouter(nn.Module):
 
 
 class LatentMoE(nn.Module):
+    # expert parallel (nemoh.distributed): this rank holds routed experts [start, stop) as self.experts[0 ..];
+    # None: every expert
+    expert_range: tuple[int, int] | None = None
+
     def __init__(self, config: NemotronHConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -92,10 +96,26 @@ class LatentMoE(nn.Module):
         """x: (num_tokens, hidden) -> (num_tokens, hidden)."""
         weights, ids = self.gate(x)
         u = self.fc1_latent_proj(x) if self.latent_size is not None else x                   # 4.
-        routed = self._run_experts(u, weights, ids)
+        if self.expert_range is None:
+            routed = self._run_experts(u, weights, ids)
+        else:
+            routed = self._run_local_experts(u, weights, ids)
         if self.latent_size is not None:
             routed = self.fc2_latent_proj(routed)
-        return routed + self.shared_experts(x)                                               # 5.
+        # 5. the shared expert reads the original x (not the latent u), under expert parallelism too
+        return routed + self.shared_experts(x)
+
+    def _run_local_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Expert parallel: (num_tokens, width), the weighted sum over the chosen experts that this rank holds
+        (zero rows for tokens that chose none of them); the layer's all-reduce adds the other ranks' experts.
+        Each (token, local expert) pair is run as a token of its own with k = 1."""
+        start, stop = self.expert_range
+        token, which = ((ids >= start) & (ids < stop)).nonzero(as_tuple=True)
+        out = torch.zeros_like(u)
+        if token.numel():
+            pair = self._run_experts(u[token], weights[token, which][:, None], (ids[token, which] - start)[:, None])
+            out.index_add_(0, token, pair)
+        return out
 
     def _run_experts(self, u: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(num_tokens, width): each token's weighted sum over its experts' outputs. Inference takes the fused

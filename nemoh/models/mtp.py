@@ -50,7 +50,10 @@ def run_layers(layers, x: torch.Tensor, ctx: ForwardContext, rows: list[int] | N
         if last_cached < 0:
             x = x[rows]
     for j, layer in enumerate(layers):
-        x = x + run_mixer(layer.layer_type, layer.mixer, layer.norm(x), ctx)
+        out = run_mixer(layer.layer_type, layer.mixer, layer.norm(x), ctx)
+        if layer.tp is not None:        # tensor parallel: each rank's mixer gave a partial sum
+            out = layer.tp.all_reduce(out)
+        x = x + out
         if j == last_cached:
             x = x[rows]
             if not rows:          # the caches are filled and no position is wanted
@@ -64,15 +67,18 @@ def run_layers_step(layers, x: torch.Tensor, ctx) -> torch.Tensor:
     for layer in layers:
         mixer, h = layer.mixer, layer.norm(x)
         if layer.layer_type in CACHED_TYPES:
-            x = x + mixer.forward_step(h, ctx)
+            out = mixer.forward_step(h, ctx)
         elif layer.layer_type == "moe":
-            x = x + mixer.forward_step(h)
+            out = mixer.forward_step(h)
         else:
-            x = x + mixer(h)
+            out = mixer(h)
+        x = x + (out if layer.tp is None else layer.tp.all_reduce(out))
     return x
 
 
 class MTPLayer(nn.Module):
+    tp = None           # the TPGroup that sums the mixer's partial output (nemoh.distributed); None on one rank
+
     def __init__(self, config: NemotronHConfig, layer_type: str, cache_idx: int, is_first: bool, is_last: bool):
         super().__init__()
         self.layer_type = layer_type

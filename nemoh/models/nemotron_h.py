@@ -24,6 +24,8 @@ from nemoh.models.norm import RMSNorm
 class Block(nn.Module):
     """One pre-norm residual layer: x + mixer(norm(x)), run by `run_layers`."""
 
+    tp = None           # the TPGroup that sums the mixer's partial output (nemoh.distributed); None on one rank
+
     def __init__(self, config: NemotronHConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
@@ -43,6 +45,8 @@ class Backbone(nn.Module):
 
 
 class NemotronHForCausalLM(nn.Module):
+    tp = None           # tensor parallel (nemoh.distributed): lm_head holds a vocabulary slice, logits are gathered
+
     def __init__(self, config: NemotronHConfig):
         super().__init__()
         self.config = config
@@ -79,7 +83,8 @@ class NemotronHForCausalLM(nn.Module):
         return self.mtp.forward_step(self.backbone.embeddings(input_ids), hidden, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def mtp_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext,
                     rows: list[int] | None = None) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_serve_without_model_explains(monkeypatch, tmp_path, capsys):
 def test_bad_engine_flags(tiny_checkpoint, capsys):
     assert cli.main(["serve", str(tiny_checkpoint), "--speculative-config", "{not json"]) == 2
     assert "--speculative-config" in capsys.readouterr().err
-    assert cli.main(["serve", str(tiny_checkpoint), "--tensor-parallel-size", "2"]) == 2
+    assert cli.main(["serve", str(tiny_checkpoint), "--tensor-parallel-size", "3"]) == 2
     assert cli.main(["serve", str(tiny_checkpoint), "--reasoning-parser", "deepseek_r1"]) == 2
     assert "unknown parser" in capsys.readouterr().err
 
