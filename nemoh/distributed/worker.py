@@ -211,7 +211,8 @@ def run_worker(info: RankInfo, model_dir: str, args) -> None:
     if message[0] != "init":
         return
     _, num_kv_blocks, num_state_slots, max_model_len = message
-    runner = ModelRunner(model, replace(args, num_kv_blocks=num_kv_blocks, num_state_slots=num_state_slots),
+    runner = ModelRunner(model, replace(args, num_kv_blocks=num_kv_blocks, num_state_slots=num_state_slots,
+                                        enable_prefix_caching=False),
                          max_model_len)
     runner.input_tokens = lambda s: s.seq.tokens          # the driver sent each sequence's input tokens
     k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
