@@ -10,14 +10,22 @@ step's plain rows in one call over all their matchers (llguidance's thread pool)
 of a speculative row: the state after each draft, reached by consuming the drafts and rolled back after, so that
 the drafts are verified against the grammar and a rejected draft leaves no trace. `apply_token_bitmask_` masks a
 logits batch in one op, after a single host-to-device copy of the bitmask.
+
+A step's masks depend only on the tokens already appended (and the drafts being verified), so `GrammarMasks.start`
+computes them on a worker thread while the model runs the step: llguidance releases the GIL, as does the
+captured step's native call, so the mask time hides behind the forward when a core is free. The engine collects
+them (`PendingMasks.result`) before it samples, and nothing else touches a matcher in between.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 from dataclasses import dataclass
 
 import llguidance
 import torch
 
+logger = logging.getLogger(__name__)
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
@@ -150,6 +158,7 @@ class GrammarMasks:
         free[[t for t in eos_token_ids if t < vocab_size]] = False
         self.free_mask = pack_bits(free)
         self._executor = llguidance.LLExecutor(num_threads)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nemoh-masks")
 
     def new_state(self, matcher: llguidance.LLMatcher, start_after: tuple[int, ...]) -> GrammarState:
         return GrammarState(matcher, start_after, self.free_mask)
@@ -169,3 +178,40 @@ class GrammarMasks:
         bitmask = torch.empty((len(drafts) + 1, self.words), dtype=torch.int32)
         state.draft_masks(drafts, bitmask)
         return bitmask
+
+    def start(self, jobs: list[tuple[int, GrammarState, list[int]]]) -> "PendingMasks":
+        """Start computing, on the worker thread, the masks of (key, state, drafts) jobs: a plain row's (no drafts)
+        next-token mask, all of them in one parallel call, or a verification row's `draft_masks`. The states must
+        not be touched until the result is collected."""
+        if not jobs:
+            return PendingMasks(None)
+        return PendingMasks(self._worker.submit(self._compute, jobs))
+
+    def _compute(self, jobs: list[tuple[int, GrammarState, list[int]]]) -> dict[int, torch.Tensor]:
+        plain = [(key, state) for key, state, drafts in jobs if not drafts]
+        out: dict[int, torch.Tensor] = {}
+        if plain:
+            bitmask = self.fill([state for _, state in plain])
+            out.update((key, bitmask[i:i + 1]) for i, (key, _) in enumerate(plain))
+        for key, state, drafts in jobs:
+            if drafts:
+                out[key] = self.draft_masks(state, drafts)
+        return out
+
+
+class PendingMasks:
+    """Masks being computed on the worker thread: {key: (rows, words) bitmask} once collected."""
+
+    def __init__(self, future: concurrent.futures.Future | None) -> None:
+        self._future = future
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """Wait for the masks; {} when their computation failed (logged: the engine then computes each one itself,
+        where the failure stays with its request)."""
+        if self._future is None:
+            return {}
+        try:
+            return self._future.result()
+        except Exception:
+            logger.exception("computing the step's grammar masks ahead failed; computing them one by one")
+            return {}
