@@ -12,6 +12,7 @@ reply goes through the chat output parser (super_v3 + qwen3_coder) and is valida
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import json
 import statistics
@@ -29,6 +30,7 @@ from nemoh import LLM  # noqa: E402
 from nemoh.chat import ChatOutputParser  # noqa: E402
 from nemoh.chat.grammar import response_format_constraint, tool_constraint  # noqa: E402
 from nemoh.engine.grammar_compiler import GrammarCompiler  # noqa: E402
+from nemoh.engine.guided import PendingMasks  # noqa: E402
 from nemoh.sampling_params import SamplingParams, StructuredOutput  # noqa: E402
 
 DEMO = REPO / "nemoh" / "demo" / "model"
@@ -65,6 +67,15 @@ SCHEMAS = [
             "b": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}}, "required": ["b"],
             "additionalProperties": False}}, "required": ["a"], "additionalProperties": False}},
         "required": ["clé_ü", "nested"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "tickets": {"type": "array", "items": {"anyOf": [
+            {"type": "object", "properties": {"id": {"type": "string", "pattern": "^INC-[0-9]{4}$"},
+                                              "status": {"enum": ["open", "closed"]}, "owner": {"type": "string"}},
+             "required": ["id", "status"], "additionalProperties": False},
+            {"type": "null"}]}, "minItems": 1, "maxItems": 3},
+        "total": {"type": "integer", "minimum": 0, "maximum": 100},
+        "note": {"type": ["string", "null"], "maxLength": 40}, "ключ": {"type": "boolean"}},
+        "required": ["tickets", "ключ"], "additionalProperties": False},
 ]
 PROMPTS = ["My laptop cannot connect to the VPN since this morning.", "Please reset the password for ana@corp.com.",
            "Book a room for the design review tomorrow.", "The printer on floor 3 is jammed again.",
@@ -76,11 +87,13 @@ def requests(n: int) -> list[dict]:
     out = []
     for i in range(n):
         kind = ("required", "named", "json_schema")[i % 3]
-        item = {"kind": kind, "thinking": (i // 3) % 2 == 0, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+        # k counts the requests of each kind; thinking alternates with k, and every tool / schema meets both
+        k = i // 3
+        item = {"kind": kind, "thinking": k % 2 == 0, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
         if kind == "named":
-            item["tool"] = tools[i % len(tools)]
+            item["tool"] = tools[k % len(tools)]
         elif kind == "json_schema":
-            item["schema"] = SCHEMAS[i % len(SCHEMAS)]
+            item["schema"] = SCHEMAS[(k // 2) % len(SCHEMAS)]
         out.append(item)
     return out
 
@@ -154,7 +167,8 @@ def validity(llm: LLM, n: int, max_tokens: int, thinking_budget: int) -> None:
     failures = []
     for it, out in zip(items, outs):
         c = out.outputs[0]
-        row = table[(it["kind"], it["thinking"])]
+        label = f"json_schema {SCHEMAS.index(it['schema'])}" if it["kind"] == "json_schema" else it["kind"]
+        row = table[(label, it["thinking"])]
         row["n"] += 1
         row["tokens"] += len(c.token_ids)
         row[f"finish_{c.finish_reason}"] += 1
@@ -190,25 +204,32 @@ def validity(llm: LLM, n: int, max_tokens: int, thinking_budget: int) -> None:
         print("INVALID", f)
 
 
-def decode_time(llm: LLM, prompt: list[int], params: list[SamplingParams]) -> tuple[float, list[int]]:
+_BATCHES = itertools.count()
+
+
+def decode_time(llm: LLM, prompt: list[int], params: list[SamplingParams]) -> tuple[float, int, list[int]]:
     """Drive the engine over one batch: the seconds of its decode steps alone (from the first step after every
-    sequence has its first token, so the prefill is left out) and each sequence's number of output tokens."""
+    sequence has its first token, so the prefill is left out), the tokens those steps made, and each sequence's
+    number of output tokens."""
     engine = llm.engine
-    ids = [f"timing-{id(params)}-{i}" for i in range(len(params))]
+    batch = next(_BATCHES)
+    ids = [f"timing-{batch}-{i}" for i in range(len(params))]
     for request_id, p in zip(ids, params):
         engine.add_request(request_id, prompt_token_ids=prompt, params=p)
-    started: set[str] = set()
-    lengths: dict[str, int] = {}
-    start = None
-    while len(lengths) < len(ids):
-        if start is None and len(started) == len(ids):
-            start = time.perf_counter()
+    counts: dict[str, int] = {}
+    finished: set[str] = set()
+    start, before = None, 0
+    while len(finished) < len(ids):
+        if start is None and len(counts) == len(ids):
+            start, before = time.perf_counter(), sum(counts.values())
         for out in engine.step():
             if out.outputs[0].token_ids:
-                started.add(out.request_id)
+                counts[out.request_id] = len(out.outputs[0].token_ids)
             if out.finished:
-                lengths[out.request_id] = len(out.outputs[0].token_ids)
-    return time.perf_counter() - (start or time.perf_counter()), [lengths[r] for r in ids]
+                finished.add(out.request_id)
+    if start is None:
+        raise RuntimeError("the batch finished before every sequence had decoded")
+    return time.perf_counter() - start, sum(counts.values()) - before, [counts.get(r, 0) for r in ids]
 
 
 def timing(llm: LLM, rounds: int, batch: int, max_tokens: int) -> None:
@@ -239,22 +260,31 @@ def timing(llm: LLM, rounds: int, batch: int, max_tokens: int) -> None:
                                structured=StructuredOutput(c.grammar, c.param) if c else None)
                 for i, n in enumerate(lengths)]
 
-    lengths = {name: decode_time(llm, prompt, params(c, [max_tokens] * batch))[1] for name, c in constraints.items()}
+    lengths = {name: decode_time(llm, prompt, params(c, [max_tokens] * batch))[2] for name, c in constraints.items()}
     decode_time(llm, prompt, params(None, [max_tokens] * batch))
-    times: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    masks = llm.engine.grammar_masks
+    ahead = masks.start
+    sides = ("unconstrained", "masks during the forward", "masks after the forward")
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in range(rounds):
         for name, c in constraints.items():
-            for constrained in ((True, False) if r % 2 else (False, True)):
-                elapsed, got = decode_time(llm, prompt, params(c if constrained else None, lengths[name]))
-                times[name, constrained].append(elapsed * batch / (sum(got) - batch))
+            for side in (sides if r % 2 else sides[::-1]):
+                # "after": the worker thread is bypassed, so each step's masks are computed when sampling needs them
+                masks.start = ahead if side != sides[2] else (lambda jobs: PendingMasks(None))
+                try:
+                    elapsed, tokens, _ = decode_time(llm, prompt, params(c if side != sides[0] else None, lengths[name]))
+                finally:
+                    masks.start = ahead
+                times[name, side].append(elapsed * batch / tokens)
     print(f"batch {batch}, max_tokens {max_tokens}, prompt {len(prompt)} tokens, temperature 1.0: decode ms per "
           f"output token of one sequence, medians of {rounds} rounds")
-    print("| constraint | mean output tokens | unconstrained, same lengths | constrained | ratio |")
-    print("|---|--:|--:|--:|--:|")
+    print("| constraint | mean output tokens | unconstrained, same lengths | constrained | ratio | constrained, masks "
+          "after the forward | ratio |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
     for name in constraints:
-        free, held = statistics.median(times[name, False]), statistics.median(times[name, True])
+        free, held, late = (statistics.median(times[name, side]) for side in sides)
         print(f"| {name} | {statistics.mean(lengths[name]):.0f} | {1e3 * free:.2f} | {1e3 * held:.2f} | "
-              f"{held / free:.2f}x |")
+              f"{held / free:.2f}x | {1e3 * late:.2f} | {late / free:.2f}x |")
 
 
 def compile_times(llm: LLM, num_tools: int) -> None:
