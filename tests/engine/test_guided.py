@@ -76,19 +76,23 @@ def test_draft_masks_match_step_by_step_and_roll_back(llm):
     assert thinking.accept(77) and not thinking.active and thinking.accept(5) and thinking.active
 
 
-def test_masks_computed_ahead_equal_those_computed_in_place(llm):
-    """`GrammarMasks.start` (on the worker thread, during the forward) gives the masks `fill` and `draft_masks` give,
-    and leaves each state where it was; a failure there is an empty result, so the engine computes them itself."""
+@pytest.mark.parametrize("mask_time_s", [0.0, 1.0])
+def test_masks_computed_ahead_equal_those_computed_in_place(llm, mask_time_s):
+    """`GrammarMasks.start` (on the worker thread during the forward when masks are slow, else at collection) gives
+    the masks `fill` and `draft_masks` give, and leaves each state where it was; a failure there is an empty
+    result, so the engine computes them itself."""
     compiler = llm.engine.grammar_compiler()
     masks = GrammarMasks(4096, [2, 11])
+    masks.mask_time_s = mask_time_s
     c = response_format_constraint({"type": "json_object"})
     ids = llm.get_tokenizer().encode('{"a": [1, 2]}', add_special_tokens=False).ids
     states = [masks.new_state(compiler.matcher(c.grammar, c.param), ()) for _ in range(3)]
     for token in ids[:2]:
         assert states[1].accept(token)
     thinking = masks.new_state(compiler.matcher(c.grammar, c.param), (5,))
-    ahead = masks.start([(10, states[0], []), (11, states[1], []), (12, states[2], ids[:3]),
-                         (13, thinking, [])]).result()
+    pending = masks.start([(10, states[0], []), (11, states[1], []), (12, states[2], ids[:3]), (13, thinking, [])])
+    assert (pending._future is not None) == (mask_time_s > 0)                  # on the worker thread or not
+    ahead = pending.result()
     assert torch.equal(ahead[10], masks.fill([states[0]])) and torch.equal(ahead[11], masks.fill([states[1]]))
     assert torch.equal(ahead[12], masks.draft_masks(states[2], ids[:3])) and ahead[12].shape[0] == 4
     assert torch.equal(ahead[13], masks.fill([thinking]))
