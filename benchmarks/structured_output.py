@@ -207,10 +207,11 @@ def validity(llm: LLM, n: int, max_tokens: int, thinking_budget: int) -> None:
 _BATCHES = itertools.count()
 
 
-def decode_time(llm: LLM, prompt: list[int], params: list[SamplingParams]) -> tuple[float, int, list[int]]:
-    """Drive the engine over one batch: the seconds of its decode steps alone (from the first step after every
-    sequence has its first token, so the prefill is left out), the tokens those steps made, and each sequence's
-    number of output tokens."""
+def decode_time(llm: LLM, prompt: list[int],
+                params: list[SamplingParams]) -> tuple[float, float, int, list[int]]:
+    """Drive the engine over one batch: the wall-clock and the CPU seconds (of this process, all its threads) of
+    its decode steps alone (from the first step after every sequence has its first token, so the prefill is left
+    out), the tokens those steps made, and each sequence's number of output tokens."""
     engine = llm.engine
     batch = next(_BATCHES)
     ids = [f"timing-{batch}-{i}" for i in range(len(params))]
@@ -218,10 +219,10 @@ def decode_time(llm: LLM, prompt: list[int], params: list[SamplingParams]) -> tu
         engine.add_request(request_id, prompt_token_ids=prompt, params=p)
     counts: dict[str, int] = {}
     finished: set[str] = set()
-    start, before = None, 0
+    start, cpu_start, before = None, 0.0, 0
     while len(finished) < len(ids):
         if start is None and len(counts) == len(ids):
-            start, before = time.perf_counter(), sum(counts.values())
+            start, cpu_start, before = time.perf_counter(), time.process_time(), sum(counts.values())
         for out in engine.step():
             if out.outputs[0].token_ids:
                 counts[out.request_id] = len(out.outputs[0].token_ids)
@@ -229,7 +230,8 @@ def decode_time(llm: LLM, prompt: list[int], params: list[SamplingParams]) -> tu
                 finished.add(out.request_id)
     if start is None:
         raise RuntimeError("the batch finished before every sequence had decoded")
-    return time.perf_counter() - start, sum(counts.values()) - before, [counts.get(r, 0) for r in ids]
+    return (time.perf_counter() - start, time.process_time() - cpu_start, sum(counts.values()) - before,
+            [counts.get(r, 0) for r in ids])
 
 
 def timing(llm: LLM, rounds: int, batch: int, max_tokens: int) -> None:
@@ -260,31 +262,36 @@ def timing(llm: LLM, rounds: int, batch: int, max_tokens: int) -> None:
                                structured=StructuredOutput(c.grammar, c.param) if c else None)
                 for i, n in enumerate(lengths)]
 
-    lengths = {name: decode_time(llm, prompt, params(c, [max_tokens] * batch))[2] for name, c in constraints.items()}
+    lengths = {name: decode_time(llm, prompt, params(c, [max_tokens] * batch))[3] for name, c in constraints.items()}
     decode_time(llm, prompt, params(None, [max_tokens] * batch))
     masks = llm.engine.grammar_masks
     ahead = masks.start
     sides = ("unconstrained", "masks during the forward", "masks after the forward")
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    cpu_times: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in range(rounds):
         for name, c in constraints.items():
             for side in (sides if r % 2 else sides[::-1]):
                 # "after": the worker thread is bypassed, so each step's masks are computed when sampling needs them
                 masks.start = ahead if side != sides[2] else (lambda jobs: PendingMasks(None))
                 try:
-                    elapsed, tokens, _ = decode_time(llm, prompt, params(c if side != sides[0] else None, lengths[name]))
+                    elapsed, cpu, tokens, _ = decode_time(llm, prompt, params(c if side != sides[0] else None, lengths[name]))
                 finally:
                     masks.start = ahead
                 times[name, side].append(elapsed * batch / tokens)
+                cpu_times[name, side].append(cpu * batch / tokens)
     print(f"batch {batch}, max_tokens {max_tokens}, prompt {len(prompt)} tokens, temperature 1.0: decode ms per "
-          f"output token of one sequence, medians of {rounds} rounds")
+          f"output token of one sequence, wall-clock / CPU time of the process, medians of {rounds} rounds")
     print("| constraint | mean output tokens | unconstrained, same lengths | constrained | ratio | constrained, masks "
           "after the forward | ratio |")
     print("|---|--:|--:|--:|--:|--:|--:|")
     for name in constraints:
-        free, held, late = (statistics.median(times[name, side]) for side in sides)
-        print(f"| {name} | {statistics.mean(lengths[name]):.0f} | {1e3 * free:.2f} | {1e3 * held:.2f} | "
-              f"{held / free:.2f}x | {1e3 * late:.2f} | {late / free:.2f}x |")
+        wall = [statistics.median(times[name, side]) for side in sides]
+        cpu = [statistics.median(cpu_times[name, side]) for side in sides]
+        cell = lambda i: f"{1e3 * wall[i]:.2f} / {1e3 * cpu[i]:.2f}"  # noqa: E731
+        ratio = lambda i: f"{wall[i] / wall[0]:.2f}x / {cpu[i] / cpu[0]:.2f}x"  # noqa: E731
+        print(f"| {name} | {statistics.mean(lengths[name]):.0f} | {cell(0)} | {cell(1)} | {ratio(1)} | {cell(2)} | "
+              f"{ratio(2)} |")
 
 
 def compile_times(llm: LLM, num_tools: int) -> None:
