@@ -12,6 +12,7 @@ reply goes through the chat output parser (super_v3 + qwen3_coder) and is valida
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import json
 import statistics
@@ -20,6 +21,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -27,6 +30,7 @@ from nemoh import LLM  # noqa: E402
 from nemoh.chat import ChatOutputParser  # noqa: E402
 from nemoh.chat.grammar import response_format_constraint, tool_constraint  # noqa: E402
 from nemoh.engine.grammar_compiler import GrammarCompiler  # noqa: E402
+from nemoh.engine.guided import PendingMasks  # noqa: E402
 from nemoh.sampling_params import SamplingParams, StructuredOutput  # noqa: E402
 
 DEMO = REPO / "nemoh" / "demo" / "model"
@@ -63,6 +67,15 @@ SCHEMAS = [
             "b": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}}, "required": ["b"],
             "additionalProperties": False}}, "required": ["a"], "additionalProperties": False}},
         "required": ["clé_ü", "nested"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "tickets": {"type": "array", "items": {"anyOf": [
+            {"type": "object", "properties": {"id": {"type": "string", "pattern": "^INC-[0-9]{4}$"},
+                                              "status": {"enum": ["open", "closed"]}, "owner": {"type": "string"}},
+             "required": ["id", "status"], "additionalProperties": False},
+            {"type": "null"}]}, "minItems": 1, "maxItems": 3},
+        "total": {"type": "integer", "minimum": 0, "maximum": 100},
+        "note": {"type": ["string", "null"], "maxLength": 40}, "ключ": {"type": "boolean"}},
+        "required": ["tickets", "ключ"], "additionalProperties": False},
 ]
 PROMPTS = ["My laptop cannot connect to the VPN since this morning.", "Please reset the password for ana@corp.com.",
            "Book a room for the design review tomorrow.", "The printer on floor 3 is jammed again.",
@@ -74,11 +87,13 @@ def requests(n: int) -> list[dict]:
     out = []
     for i in range(n):
         kind = ("required", "named", "json_schema")[i % 3]
-        item = {"kind": kind, "thinking": (i // 3) % 2 == 0, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+        # k counts the requests of each kind; thinking alternates with k, and every tool / schema meets both
+        k = i // 3
+        item = {"kind": kind, "thinking": k % 2 == 0, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
         if kind == "named":
-            item["tool"] = tools[i % len(tools)]
+            item["tool"] = tools[k % len(tools)]
         elif kind == "json_schema":
-            item["schema"] = SCHEMAS[i % len(SCHEMAS)]
+            item["schema"] = SCHEMAS[(k // 2) % len(SCHEMAS)]
         out.append(item)
     return out
 
@@ -152,7 +167,8 @@ def validity(llm: LLM, n: int, max_tokens: int, thinking_budget: int) -> None:
     failures = []
     for it, out in zip(items, outs):
         c = out.outputs[0]
-        row = table[(it["kind"], it["thinking"])]
+        label = f"json_schema {SCHEMAS.index(it['schema'])}" if it["kind"] == "json_schema" else it["kind"]
+        row = table[(label, it["thinking"])]
         row["n"] += 1
         row["tokens"] += len(c.token_ids)
         row[f"finish_{c.finish_reason}"] += 1
@@ -170,45 +186,112 @@ def validity(llm: LLM, n: int, max_tokens: int, thinking_budget: int) -> None:
         except ValueError:
             ok = False
         row["valid"] += ok
+        row["valid_stop"] += ok and c.finish_reason == "stop"
         if not ok:
             failures.append((it["kind"], c.finish_reason, c.text[-300:]))
     total = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"{n} requests, {total} tokens in {elapsed:.0f} s ({total / elapsed:.0f} tok/s), temperature 1.0")
-    print("| constraint | thinking | requests | valid | reasoning present | finish stop / length | mean tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print("| constraint | thinking | requests | valid | finished (stop) | valid of finished | cut by max_tokens "
+          "(length) | reasoning present | mean tokens |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|")
     for (kind, thinking), row in sorted(table.items()):
+        stop = row["finish_stop"]
         print(f"| {kind} | {'on' if thinking else 'off'} | {row['n']} | {row['valid']} ({100 * row['valid'] / row['n']:.0f}%)"
-              f" | {row['reasoning']} | {row['finish_stop']} / {row['finish_length']} | {row['tokens'] / row['n']:.0f} |")
-    for f in failures[:5]:
+              f" | {stop} | {row['valid_stop']} ({100 * row['valid_stop'] / max(stop, 1):.0f}%) | {row['finish_length']}"
+              f" | {row['reasoning']} | {row['tokens'] / row['n']:.0f} |")
+    # an invalid reply that ended by itself is a bug; one cut by max_tokens is expected (an unbounded value)
+    for f in sorted(failures, key=lambda f: f[1] != "stop")[:5]:
         print("INVALID", f)
 
 
+_BATCHES = itertools.count()
+
+
+def decode_time(llm: LLM, prompt: list[int],
+                params: list[SamplingParams]) -> tuple[float, float, int, list[int]]:
+    """Drive the engine over one batch: the wall-clock and the CPU seconds (of this process, all its threads) of
+    its decode steps alone (from the first step after every sequence has its first token, so the prefill is left
+    out), the tokens those steps made, and each sequence's number of output tokens."""
+    engine = llm.engine
+    batch = next(_BATCHES)
+    ids = [f"timing-{batch}-{i}" for i in range(len(params))]
+    for request_id, p in zip(ids, params):
+        engine.add_request(request_id, prompt_token_ids=prompt, params=p)
+    counts: dict[str, int] = {}
+    finished: set[str] = set()
+    start, cpu_start, before = None, 0.0, 0
+    while len(finished) < len(ids):
+        if start is None and len(counts) == len(ids):
+            start, cpu_start, before = time.perf_counter(), time.process_time(), sum(counts.values())
+        for out in engine.step():
+            if out.outputs[0].token_ids:
+                counts[out.request_id] = len(out.outputs[0].token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+    if start is None:
+        raise RuntimeError("the batch finished before every sequence had decoded")
+    return (time.perf_counter() - start, time.process_time() - cpu_start, sum(counts.values()) - before,
+            [counts.get(r, 0) for r in ids])
+
+
 def timing(llm: LLM, rounds: int, batch: int, max_tokens: int) -> None:
-    """Seconds per output token, constrained (json_object, thinking off) vs not, alternating sides; medians."""
+    """Decode time per output token with a constraint vs without, on the same prompt (the demo's and the hostile
+    tools, thinking off), at temperature 1.0 with EOS ignored.
+
+    A constrained reply ends when its grammar completes, often before max_tokens; comparing it with unconstrained
+    replies of max_tokens would compare batches that shrink differently. So each constraint's baseline is the
+    same batch unconstrained, each sequence stopped at the length its constrained reply had (the seeds are fixed,
+    so each round repeats those lengths; the warm-up round 0 measures them and compiles the grammars). The two
+    sides of each pair alternate, their order reversed every other round; medians of the rounds. The time per
+    token of one sequence is elapsed x batch / tokens, where tokens are those of the decode steps."""
     tokenizer = llm.get_tokenizer()
-    template = llm._template()
-    text = template.render([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
-                           enable_thinking=False)
+    tools = DEMO_TOOLS + HOSTILE_TOOLS
+    compiler = llm.engine.grammar_compiler()
+    text = llm._template().render([{"role": "user", "content": PROMPTS[0]}], tools=tools, add_generation_prompt=True,
+                                  enable_thinking=False)
     prompt = tokenizer.encode(text, add_special_tokens=False).ids
-    c = response_format_constraint({"type": "json_object"})
-    free = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
-    sides = {"unconstrained": free, "json_object": None}
-    per_token: dict[str, list[float]] = defaultdict(list)
-    for r in range(rounds + 1):
-        for name in sides:
-            params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=r * batch + i,
-                                     structured=StructuredOutput(c.grammar, c.param)) if name == "json_object"
-                      else free for i in range(batch)]
-            start = time.perf_counter()
-            outs = llm.generate([prompt] * batch, params)
-            elapsed = time.perf_counter() - start
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            if r:                                       # round 0 is the warm-up
-                per_token[name].append(elapsed / tokens * batch)  # seconds per token of one sequence
-    base = statistics.median(per_token["unconstrained"])
-    print(f"batch {batch}: ms per output token (per sequence), medians of {rounds} rounds")
-    for name, values in per_token.items():
-        print(f"  {name:<14} {1e3 * statistics.median(values):7.2f} ms   ratio {statistics.median(values) / base:.2f}x")
+    constraints = {
+        "json_object": response_format_constraint({"type": "json_object"}),
+        "json_schema": response_format_constraint({"type": "json_schema", "json_schema": {"name": "r",
+                                                                                           "schema": SCHEMAS[0]}}),
+        "required": tool_constraint(tools, "required", None, compiler.marker),
+    }
+
+    def params(c, lengths):
+        return [SamplingParams(temperature=1.0, max_tokens=n, seed=i, ignore_eos=True,
+                               structured=StructuredOutput(c.grammar, c.param) if c else None)
+                for i, n in enumerate(lengths)]
+
+    lengths = {name: decode_time(llm, prompt, params(c, [max_tokens] * batch))[3] for name, c in constraints.items()}
+    decode_time(llm, prompt, params(None, [max_tokens] * batch))
+    masks = llm.engine.grammar_masks
+    ahead = masks.start
+    sides = ("unconstrained", "masks during the forward", "masks after the forward")
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    cpu_times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in range(rounds):
+        for name, c in constraints.items():
+            for side in (sides if r % 2 else sides[::-1]):
+                # "after": the worker thread is bypassed, so each step's masks are computed when sampling needs them
+                masks.start = ahead if side != sides[2] else (lambda jobs: PendingMasks(None))
+                try:
+                    elapsed, cpu, tokens, _ = decode_time(llm, prompt, params(c if side != sides[0] else None, lengths[name]))
+                finally:
+                    masks.start = ahead
+                times[name, side].append(elapsed * batch / tokens)
+                cpu_times[name, side].append(cpu * batch / tokens)
+    print(f"batch {batch}, max_tokens {max_tokens}, prompt {len(prompt)} tokens, temperature 1.0: decode ms per "
+          f"output token of one sequence, wall-clock / CPU time of the process, medians of {rounds} rounds")
+    print("| constraint | mean output tokens | unconstrained, same lengths | constrained | ratio | constrained, masks "
+          "after the forward | ratio |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for name in constraints:
+        wall = [statistics.median(times[name, side]) for side in sides]
+        cpu = [statistics.median(cpu_times[name, side]) for side in sides]
+        cell = lambda i: f"{1e3 * wall[i]:.2f} / {1e3 * cpu[i]:.2f}"  # noqa: E731
+        ratio = lambda i: f"{wall[i] / wall[0]:.2f}x / {cpu[i] / cpu[0]:.2f}x"  # noqa: E731
+        print(f"| {name} | {statistics.mean(lengths[name]):.0f} | {cell(0)} | {cell(1)} | {ratio(1)} | {cell(2)} | "
+              f"{ratio(2)} |")
 
 
 def compile_times(llm: LLM, num_tools: int) -> None:
@@ -239,17 +322,28 @@ def main() -> None:
     ap.add_argument("--thinking-budget", type=int, default=128, help="max_thinking_tokens of thinking requests")
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--timing-max-tokens", type=int, default=128)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--num-tools", type=int, default=50)
     args = ap.parse_args()
     llm = LLM(args.model, dtype="float32", max_model_len=4096, max_num_seqs=32)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {torch.get_num_threads()} threads, load average "
+          f"{load_average()}")
     if args.requests:
         validity(llm, args.requests, args.max_tokens, args.thinking_budget)
     if args.timing:
-        timing(llm, args.rounds, args.batch, 64)
+        timing(llm, args.rounds, args.batch, args.timing_max_tokens)
     if args.compile:
         compile_times(llm, args.num_tools)
+    print(f"load average at the end {load_average()}")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -10,14 +10,26 @@ step's plain rows in one call over all their matchers (llguidance's thread pool)
 of a speculative row: the state after each draft, reached by consuming the drafts and rolled back after, so that
 the drafts are verified against the grammar and a rejected draft leaves no trace. `apply_token_bitmask_` masks a
 logits batch in one op, after a single host-to-device copy of the bitmask.
+
+A step's masks depend only on the tokens already appended (and the drafts being verified), so `GrammarMasks.start`
+computes them on a worker thread while the model runs the step: llguidance releases the GIL, as does the
+captured step's native call, so the mask time hides behind the forward when a core is free. The engine collects
+them (`PendingMasks.result`) before it samples, and nothing else touches a matcher in between. Masks that cost
+less than a thread hand-off (a few rows of a small vocabulary) are computed at collection instead.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llguidance
 import torch
 
+logger = logging.getLogger(__name__)
+AHEAD_MIN_S = 0.5e-3
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
@@ -150,18 +162,23 @@ class GrammarMasks:
         free[[t for t in eos_token_ids if t < vocab_size]] = False
         self.free_mask = pack_bits(free)
         self._executor = llguidance.LLExecutor(num_threads)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nemoh-masks")
+        self.mask_time_s = 0.0           # a moving average of the time of one step's masks
 
     def new_state(self, matcher: llguidance.LLMatcher, start_after: tuple[int, ...]) -> GrammarState:
         return GrammarState(matcher, start_after, self.free_mask)
 
     def fill(self, states: list[GrammarState]) -> torch.Tensor:
-        """The next-token masks of the states, (len(states), words): the active ones in one parallel call."""
+        """The next-token masks of the states, (len(states), words): the active ones in one parallel call (one
+        alone on this thread: handing it to the executor's pool costs a thread wake-up)."""
         bitmask = torch.empty((len(states), self.words), dtype=torch.int32)
         active = [(s.matcher, i) for i, s in enumerate(states) if s.active]
         for i, s in enumerate(states):
             if not s.active:
                 bitmask[i].copy_(self.free_mask)
-        if active:
+        if len(active) == 1:
+            _fill_one(active[0][0], bitmask[active[0][1]])
+        elif active:
             _fill_many(self._executor, active, bitmask)
         return bitmask
 
@@ -169,3 +186,52 @@ class GrammarMasks:
         bitmask = torch.empty((len(drafts) + 1, self.words), dtype=torch.int32)
         state.draft_masks(drafts, bitmask)
         return bitmask
+
+    def start(self, jobs: list[tuple[int, GrammarState, list[int]]]) -> "PendingMasks":
+        """Start computing the masks of (key, state, drafts) jobs: a plain row's (no drafts) next-token mask, all of
+        them in one parallel call, or a verification row's `draft_masks`. On the worker thread when the masks of
+        recent steps took at least AHEAD_MIN_S (a thread hand-off costs a wake-up, which on a loaded machine is more
+        than a few cheap masks), else when collected. The states must not be touched until then."""
+        if not jobs:
+            return PendingMasks(None)
+        if self.mask_time_s < AHEAD_MIN_S:
+            return PendingMasks(None, lambda: self._compute(jobs))
+        return PendingMasks(self._worker.submit(self._compute, jobs))
+
+    def _compute(self, jobs: list[tuple[int, GrammarState, list[int]]]) -> dict[int, torch.Tensor]:
+        start = time.perf_counter()
+        out = self._compute_masks(jobs)
+        self.mask_time_s += 0.2 * (time.perf_counter() - start - self.mask_time_s)    # a moving average
+        return out
+
+    def _compute_masks(self, jobs: list[tuple[int, GrammarState, list[int]]]) -> dict[int, torch.Tensor]:
+        plain = [(key, state) for key, state, drafts in jobs if not drafts]
+        out: dict[int, torch.Tensor] = {}
+        if plain:
+            bitmask = self.fill([state for _, state in plain])
+            out.update((key, bitmask[i:i + 1]) for i, (key, _) in enumerate(plain))
+        for key, state, drafts in jobs:
+            if drafts:
+                out[key] = self.draft_masks(state, drafts)
+        return out
+
+
+class PendingMasks:
+    """Masks being computed on the worker thread (`future`), or to compute when collected (`compute`):
+    {key: (rows, words) bitmask} once collected."""
+
+    def __init__(self, future: concurrent.futures.Future | None,
+                 compute: Callable[[], dict[int, torch.Tensor]] | None = None) -> None:
+        self._future = future
+        self._compute = compute
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """Wait for the masks; {} when their computation failed (logged: the engine then computes each one itself,
+        where the failure stays with its request)."""
+        if self._future is None and self._compute is None:
+            return {}
+        try:
+            return self._future.result() if self._future is not None else self._compute()
+        except Exception:
+            logger.exception("computing the step's grammar masks ahead failed; computing them one by one")
+            return {}

@@ -250,7 +250,7 @@ class LLMEngine:
         for seq in batch.failed:
             self._fail_unfittable(seq)
         if not batch.is_empty:
-            drafts = [d for d in self._postprocess_all(self._run(batch.scheduled)) if d is not None]
+            drafts = [d for d in self._postprocess_all(*self._run_and_mask(batch.scheduled)) if d is not None]
             self._propose(drafts)
             for d in drafts:       # finished with MTP and a prefix cache: their MTP cache is complete now
                 if d.seq.is_finished:
@@ -262,12 +262,25 @@ class LLMEngine:
                                                f"({self.block_manager.num_blocks} blocks of {self.args.block_size})")
         self._release(seq)
 
-    def _postprocess_all(self, results: list[SeqResult]) -> list[DraftRequest | None]:
-        """Sample the step's plain rows together, then postprocess (and verify) each sequence on its own."""
-        sampled = self._sample_plain(results)
-        return [self._postprocess_isolated(r, sampled.get(r.scheduled.seq.seq_id)) for r in results]
+    def _run_and_mask(self, scheduled) -> tuple[list[SeqResult], dict[int, torch.Tensor]]:
+        """Run the model; meanwhile a worker thread computes the grammar masks of the constrained sequences that
+        sample this step ({seq_id: bitmask}, see guided.py), collected before any matcher is touched again."""
+        pending = self.grammar_masks.start([(s.seq.seq_id, s.seq.grammar, s.seq.draft_token_ids[:s.num_draft_tokens])
+                                            for s in scheduled if s.seq.grammar is not None and s.samples])
+        try:
+            results = self._run(scheduled)
+        finally:
+            masks = pending.result()
+        return results, masks
 
-    def _sample_plain(self, results: list[SeqResult]) -> dict[int, tuple[list[int], list | None]]:
+    def _postprocess_all(self, results: list[SeqResult], masks: dict[int, torch.Tensor]) -> list[DraftRequest | None]:
+        """Sample the step's plain rows together, then postprocess (and verify) each sequence on its own."""
+        sampled = self._sample_plain(results, masks)
+        return [self._postprocess_isolated(r, sampled.get(r.scheduled.seq.seq_id), masks.get(r.scheduled.seq.seq_id))
+                for r in results]
+
+    def _sample_plain(self, results: list[SeqResult],
+                      masks: dict[int, torch.Tensor]) -> dict[int, tuple[list[int], list | None]]:
         """{seq_id: ([token], [logprobs] or None)} for every sequence that samples one token with no drafts to
         verify: one batched sampler call for the rows that need more than the batch's argmax, one logprobs call.
 
@@ -287,7 +300,7 @@ class LLMEngine:
                     for i in todo]
             try:
                 todo_tokens = self.sampler.sample(torch.cat([plain[i].logits for i in todo]), rows,
-                                                  self._plain_masks([seqs[i] for i in todo]))
+                                                  self._plain_masks([seqs[i] for i in todo], masks))
             except Exception:
                 logger.exception("batched sampling failed; sampling each sequence on its own")
                 return {}
@@ -306,19 +319,23 @@ class LLMEngine:
                     logprobs[i] = [entry]
         return {seq.seq_id: ([t], lp) for seq, t, lp in zip(seqs, tokens, logprobs)}
 
-    def _plain_masks(self, seqs: list[Sequence]) -> TokenMasks | None:
-        """The grammar masks of the constrained ones among one-token rows, computed together."""
+    def _plain_masks(self, seqs: list[Sequence], masks: dict[int, torch.Tensor]) -> TokenMasks | None:
+        """The grammar masks of the constrained ones among one-token rows: those computed during the forward,
+        else all computed together now."""
         rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
         if not rows:
             return None
+        if all(seqs[i].seq_id in masks for i in rows):
+            return TokenMasks(torch.cat([masks[seqs[i].seq_id] for i in rows]), rows)
         return TokenMasks(self.grammar_masks.fill([seqs[i].grammar for i in rows]), rows)
 
-    def _postprocess_isolated(self, r: SeqResult, sampled: tuple[list[int], list | None] | None) -> DraftRequest | None:
+    def _postprocess_isolated(self, r: SeqResult, sampled: tuple[list[int], list | None] | None,
+                              mask: torch.Tensor | None = None) -> DraftRequest | None:
         req = self.requests[r.scheduled.seq.request_id]
         if r.scheduled.seq.is_finished:      # failed with a sibling completion earlier in this step
             return None
         try:
-            return self._postprocess(r, sampled)
+            return self._postprocess(r, sampled, mask)
         except Exception as e:  # one request's failure must not take the others down
             logger.exception("request %s failed", req.request_id)
             self.fail_request(req.request_id, f"{type(e).__name__}: {e}")
@@ -338,8 +355,9 @@ class LLMEngine:
         self._consecutive_failures = 0
         return results
 
-    def _sample(self, r: SeqResult) -> tuple[list[int], int]:
-        """Tokens to append and the number of positions now validly computed."""
+    def _sample(self, r: SeqResult, mask: torch.Tensor | None = None) -> tuple[list[int], int]:
+        """Tokens to append and the number of positions now validly computed; `mask`: the grammar bitmask of the
+        rows (1 + drafts, words) when computed during the forward."""
         s, seq = r.scheduled, r.scheduled.seq
         if r.argmax is None:                   # a step that samples nothing (a prompt chunk before its end)
             return [], s.num_new_tokens
@@ -352,7 +370,8 @@ class LLMEngine:
                 for j in range(len(drafts) + 1)]
         masks = None
         if seq.grammar is not None:
-            masks = TokenMasks(self.grammar_masks.draft_masks(seq.grammar, drafts), list(range(len(rows))))
+            bitmask = mask if mask is not None else self.grammar_masks.draft_masks(seq.grammar, drafts)
+            masks = TokenMasks(bitmask, list(range(len(rows))))
         logits = self.sampler.process(r.logits, rows, masks)
         if not drafts:
             return [self.sampler.draw(self.sampler.probs(logits, rows)[0], rows[0])], s.num_new_tokens
@@ -372,11 +391,13 @@ class LLMEngine:
             self.runner.rollback_mamba_state(r.scheduled.seq, r.intermediate, accepted)
         return tokens, 1 + accepted
 
-    def _postprocess(self, r: SeqResult, sampled: tuple[list[int], list | None] | None) -> DraftRequest | None:
-        """sampled: this sequence's tokens and logprobs from `_sample_plain`, or None to sample (or verify) here."""
+    def _postprocess(self, r: SeqResult, sampled: tuple[list[int], list | None] | None,
+                     mask: torch.Tensor | None = None) -> DraftRequest | None:
+        """sampled: this sequence's tokens and logprobs from `_sample_plain`, or None to sample (or verify) here
+        (with `mask`, its grammar bitmask computed during the forward, if any)."""
         seq = r.scheduled.seq
         if sampled is None:
-            tokens, num_computed = self._sample(r)
+            tokens, num_computed = self._sample(r, mask)
             logprobs = None
         else:
             (tokens, logprobs), num_computed = sampled, r.scheduled.num_new_tokens

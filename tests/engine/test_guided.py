@@ -76,6 +76,31 @@ def test_draft_masks_match_step_by_step_and_roll_back(llm):
     assert thinking.accept(77) and not thinking.active and thinking.accept(5) and thinking.active
 
 
+@pytest.mark.parametrize("mask_time_s", [0.0, 1.0])
+def test_masks_computed_ahead_equal_those_computed_in_place(llm, mask_time_s):
+    """`GrammarMasks.start` (on the worker thread during the forward when masks are slow, else at collection) gives
+    the masks `fill` and `draft_masks` give, and leaves each state where it was; a failure there is an empty
+    result, so the engine computes them itself."""
+    compiler = llm.engine.grammar_compiler()
+    masks = GrammarMasks(4096, [2, 11])
+    masks.mask_time_s = mask_time_s
+    c = response_format_constraint({"type": "json_object"})
+    ids = llm.get_tokenizer().encode('{"a": [1, 2]}', add_special_tokens=False).ids
+    states = [masks.new_state(compiler.matcher(c.grammar, c.param), ()) for _ in range(3)]
+    for token in ids[:2]:
+        assert states[1].accept(token)
+    thinking = masks.new_state(compiler.matcher(c.grammar, c.param), (5,))
+    pending = masks.start([(10, states[0], []), (11, states[1], []), (12, states[2], ids[:3]), (13, thinking, [])])
+    assert (pending._future is not None) == (mask_time_s > 0)                  # on the worker thread or not
+    ahead = pending.result()
+    assert torch.equal(ahead[10], masks.fill([states[0]])) and torch.equal(ahead[11], masks.fill([states[1]]))
+    assert torch.equal(ahead[12], masks.draft_masks(states[2], ids[:3])) and ahead[12].shape[0] == 4
+    assert torch.equal(ahead[13], masks.fill([thinking]))
+    assert torch.equal(masks.fill([states[2]]), masks.fill([states[0]]))      # the drafts were rolled back
+    assert masks.start([]).result() == {}
+    assert masks.start([(1, None, [])]).result() == {}                          # failed: logged, computed in place
+
+
 @pytest.mark.parametrize("spec", [None, SPEC])
 def test_random_weights_write_valid_json_at_temperature_one(make_llm, spec):
     llm = make_llm(speculative_config=spec, max_model_len=512)

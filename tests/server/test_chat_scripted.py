@@ -279,3 +279,52 @@ def test_multi_turn_with_tool_results(server_factory, demo_tokenizer):
     assert "<parameter=email>\na@b.c\n</parameter>" in prompt
     r = s.client().chat.completions.create(model=MODEL_NAME, messages=messages, tools=TOOLS)
     assert r.choices[0].message.content == "Reset done."
+
+
+LONG_JSON = '{"answer": "' + "the printer on floor three is jammed again and again " * 6 + '"}'
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}}
+
+
+def _reply(c, stream, **kwargs):
+    """(content, reasoning, tool calls as (name, arguments), finish_reason) of one request, streamed or not."""
+    kwargs.setdefault("model", MODEL_NAME)
+    kwargs.setdefault("messages", USER)
+    if stream:
+        got = collect_stream(c.chat.completions.create(stream=True, **kwargs))
+        return got["content"], got["reasoning"], [(x["name"], x["arguments"]) for x in got["calls"]], got["finish"]
+    choice = c.chat.completions.create(**kwargs).choices[0]
+    calls = [(tc.function.name, tc.function.arguments) for tc in choice.message.tool_calls or []]
+    return choice.message.content, choice.message.reasoning_content, calls, choice.finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_constrained_reply_cut_by_max_tokens_is_a_well_formed_length_reply(server_factory, demo_tokenizer, stream):
+    """max_tokens inside an unbounded JSON string: a 200 with finish_reason "length" and the text so far as content
+    (not valid JSON, as OpenAI returns it), streamed and not."""
+    s = serve(server_factory, demo_tokenizer, LONG_JSON)
+    content, reasoning, calls, finish = _reply(s.client(), stream, max_tokens=12, response_format=SCHEMA_FORMAT,
+                                               reasoning_effort="none")
+    assert finish == "length" and not calls and reasoning is None
+    assert content and LONG_JSON.startswith(content) and len(content) < len(LONG_JSON)
+    # with thinking on, cut in the think block: reasoning only, no content
+    s = serve(server_factory, demo_tokenizer, "thinking about it " * 20 + "</think>\n" + LONG_JSON)
+    content, reasoning, calls, finish = _reply(s.client(), stream, max_tokens=8, response_format=SCHEMA_FORMAT)
+    assert finish == "length" and reasoning and content is None and not calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_calls_cut_by_max_tokens_keep_the_complete_ones(server_factory, demo_tokenizer, stream):
+    """tool_choice "required" cut inside the second call: the first, complete, call is returned (finish_reason
+    "tool_calls", as whenever calls are returned) and nothing of the cut one is; cut inside the first call: no
+    call, finish_reason "length"."""
+    s = serve(server_factory, demo_tokenizer, TWO_CALLS)
+    ids = demo_tokenizer.encode(TWO_CALLS, add_special_tokens=False).ids
+    text = lambda n: demo_tokenizer.decode(ids[:n], skip_special_tokens=True)  # noqa: E731
+    in_second = next(n for n in range(len(ids)) if "<parameter=title>\nVPN" in text(n))
+    content, _, calls, finish = _reply(s.client(), stream, tools=TOOLS, tool_choice="required", max_tokens=in_second)
+    assert finish == "tool_calls"
+    assert calls == [("lookup_user", json.dumps({"email": "ana@example.com"}))], calls
+    in_first = next(n for n in range(len(ids)) if "<parameter=email>\nana" in text(n))
+    content, _, calls, finish = _reply(s.client(), stream, tools=TOOLS, tool_choice="required", max_tokens=in_first)
+    assert finish == "length" and not calls

@@ -232,10 +232,10 @@ def _with_fault(engine, bad_seed: int):
     core = engine.engine
     original = core._postprocess
 
-    def postprocess(r, sampled):
+    def postprocess(r, *args):
         if r.scheduled.seq.params.seed == bad_seed:
             raise RuntimeError("injected fault")
-        return original(r, sampled)
+        return original(r, *args)
 
     core._postprocess = postprocess
 

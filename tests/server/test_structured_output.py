@@ -113,6 +113,33 @@ def test_json_schema_replies_validate(server, seed):
     assert jsonschema_rs.validator_for(SCHEMA).is_valid(json.loads(content)), content
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_reply_cut_by_max_tokens_is_a_length_reply_with_the_text_so_far(server, streamed):
+    """The real engine stopping a constrained reply at max_tokens: no error, finish_reason "length", the text so
+    far as content (JSON cut short, as OpenAI returns it). Streamed: the same text and finish."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}
+    body = dict(response_format=fmt, temperature=1.0, seed=3, max_tokens=3, chat_template_kwargs=NO_THINK)
+    r = post(server, **body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["message"]["content"]
+    assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 3
+    assert content.lstrip().startswith("{"), content
+    with pytest.raises(ValueError):
+        json.loads(content)
+    if streamed:
+        text, finish = "", None
+        body.update(model=MODEL_NAME, messages=USER, stream=True)
+        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for c in json.loads(line[6:])["choices"]:
+                        text += c["delta"].get("content") or ""
+                        finish = c.get("finish_reason") or finish
+        assert (text, finish) == (content, "length")
+
+
 def test_reasoning_stays_free_and_the_budget_still_applies(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
     r = post(server, response_format=fmt, temperature=1.0, seed=5, max_tokens=220, max_thinking_tokens=12)
