@@ -118,7 +118,7 @@ class Scheduler:
     def schedule(self, max_prefill_tokens: int | None = None) -> SchedulerOutput:
         """One step's batch. `max_prefill_tokens` caps the prompt tokens of the step (chunks of running prefills
         and admitted prompts; with chunked prefill only), under the step's token budget; decode tokens and their
-        drafts are not capped by it (the engine sets it to bound a step's time, see llm_engine.StepTimeBudget)."""
+        drafts are not capped by it (the engine sets it to bound a step's time: nemoh/engine/step_budget.py)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         prefill_budget = budget if max_prefill_tokens is None or not self.enable_chunked_prefill \
