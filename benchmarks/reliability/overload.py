@@ -109,6 +109,13 @@ def run(factor: int = 10, rounds: int = 3, seconds: float = 30.0, capacity_secon
     }
 
 
+def _latencies(values: list[float]) -> str:
+    if not values:
+        return "none"
+    return (f"{len(values)}: {percentile(values, 0.5) * 1000:.1f} / {percentile(values, 0.99) * 1000:.1f} / "
+            f"{max(values) * 1000:.1f} ms")
+
+
 def report(out: dict[str, Any]) -> bool:
     refusal = out["refusal_s"]
     worst = max(refusal, default=0.0)
@@ -128,6 +135,8 @@ def report(out: dict[str, Any]) -> bool:
          f"{len(out['refused_without_retry_after'])} without Retry-After", "all"),
         ("refusal latency p50 / p99 / max", f"{percentile(refusal, 0.5) * 1000:.1f} / "
          f"{percentile(refusal, 0.99) * 1000:.1f} / {worst * 1000:.1f} ms", "max < 100 ms"),
+        ("  of which in the bursts", _latencies([t for x in b for t in x["refusal_s"]]), "max < 100 ms"),
+        ("  of which in the open loop", _latencies(s["refusal_s"]), "max < 100 ms"),
         ("accepted requests that failed", len(out["served_failed"]), "0"),
         ("other statuses", len(out["other"]), "0"),
         ("capacity after", f"{out['capacity_after_rps']:.1f} req/s ({ratio:.2f} x before), "

@@ -6,6 +6,7 @@ nothing here). `train` and `bench` hand their arguments to `nemoh.demo.train` an
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -13,6 +14,11 @@ import warnings
 # torch warns when it is imported without numpy; nemoh does not use numpy (it is no dependency), so a new user's
 # first command must not open with "Failed to initialize NumPy". Set before any command imports torch.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+# PyTorch's OpenMP threads sleep between parallel regions instead of spinning (read once, when torch loads
+# libgomp). On a machine with more runnable threads than cores, spinning threads take the cores that the
+# threads they wait for need: a 2,048-token prefill of the demo model took 2.1-8.3 s spinning and 0.4-0.7 s
+# sleeping on 2 shared cores at load 6 (docs/reliability.md). An OMP_WAIT_POLICY set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import nemoh  # noqa: E402  (after the filter)
 from nemoh.cli import chat, plan, quantize, serve  # noqa: E402

@@ -216,6 +216,7 @@ def engine_kwargs(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, Any]:
         "tokenizer": args.tokenizer,
         "seed": args.seed,
         "max_waiting_requests": getattr(args, "max_waiting_requests", None),   # nemoh serve's queue
+        "max_step_seconds": getattr(args, "max_step_seconds", None) or None,   # nemoh serve's step time budget
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     from nemoh.engine.config import EngineArgs

@@ -76,6 +76,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help='logprob tokens as "token_id:N" instead of their text')
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="bound of the waiting queue; requests beyond it get 429")
+    p.add_argument("--max-step-seconds", type=float, default=0.25,
+                   help="cap each engine step's prefill tokens so that a step takes about this long, adapted to "
+                        "the measured step times (aborts and every stream's next token wait for the step in "
+                        "progress); 0: no time cap, only --max-num-batched-tokens (default 0.25)")
     p.add_argument("--allowed-origins", nargs="*", default=[],
                    help="CORS origins allowed to call the API (default: none)")
     p.add_argument("--shutdown-timeout", "--drain-timeout", dest="shutdown_timeout", type=float, default=30.0,

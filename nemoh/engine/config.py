@@ -53,6 +53,9 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048             # per-step token budget (chunked prefill)
     max_model_len: int | None = None               # prompt + generated tokens; None: the model's context length
     enable_chunked_prefill: bool = True            # False: a prompt is prefilled in one step (budget permitting)
+    max_step_seconds: float | None = None          # cap each step's prefill tokens so a step takes about this
+                                                   # long (adapted to measured step times; nemoh serve: 0.25);
+                                                   # None: only max_num_batched_tokens bounds a step
     max_waiting_requests: int = 1024               # async engine: bounded waiting queue
     # caches
     block_size: int = 16
@@ -105,6 +108,9 @@ class EngineArgs:
             bad("kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
         if self.mamba_ssm_cache_dtype is not None and self.mamba_ssm_cache_dtype not in SSM_CACHE_DTYPES:
             bad("mamba_ssm_cache_dtype", f"must be one of {SSM_CACHE_DTYPES}")
+        if self.max_step_seconds is not None and not (isinstance(self.max_step_seconds, (int, float))
+                                                      and 0 < self.max_step_seconds < float("inf")):
+            bad("max_step_seconds", "must be a positive number of seconds or None")
         if self.cache_memory_gb is not None and not self.cache_memory_gb > 0:
             bad("cache_memory_gb", "must be > 0")
         for name in ("cpu_packed_weights", "enforce_eager", "enable_prefix_caching", "enable_expert_parallel"):

@@ -28,6 +28,7 @@ from nemoh.engine.sampler import Sampler, SamplingRow, compute_logprobs, greedy_
 from nemoh.engine.scheduler import Scheduler
 from nemoh.engine.sequence import Request, Sequence
 from nemoh.engine.spec_decode import DraftRequest, MTPProposer, SpecStats
+from nemoh.engine.step_budget import StepTimeBudget
 from nemoh.engine.state_cache import StateCache
 from nemoh.sampling_params import SamplingParams, StructuredOutput
 
@@ -97,6 +98,9 @@ class LLMEngine:
                                    prefix_cache=self.prefix_cache)
         self.sampler = Sampler(cfg.vocab_size, self.eos_token_ids, self.runner.device, args.seed)
         self.proposer = MTPProposer(model, self.runner, k) if k else None
+        self.step_budget = (StepTimeBudget(args.max_step_seconds, args.max_num_batched_tokens,
+                                           align=args.block_size)
+                            if args.max_step_seconds is not None and args.enable_chunked_prefill else None)
         self.spec_stats = SpecStats()
         self.counters = EngineCounters()
         self.requests: dict[str, Request] = {}
@@ -244,7 +248,8 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> sample/verify + postprocess -> draft; returns the outputs of touched requests."""
-        batch = self.scheduler.schedule()
+        start = time.perf_counter()
+        batch = self.scheduler.schedule(self.step_budget.limit() if self.step_budget else None)
         touched = {s.request_id: self.requests[s.request_id] for s in batch.failed}
         touched.update((s.seq.request_id, self.requests[s.seq.request_id]) for s in batch.scheduled)
         for seq in batch.failed:
@@ -255,6 +260,8 @@ class LLMEngine:
             for d in drafts:       # finished with MTP and a prefix cache: their MTP cache is complete now
                 if d.seq.is_finished:
                     self._release(d.seq)
+            if self.step_budget is not None:
+                self.step_budget.record(time.perf_counter() - start, batch.num_prefill_tokens)
         return [self._output(req) for req in touched.values()]
 
     def _fail_unfittable(self, seq: Sequence) -> None:

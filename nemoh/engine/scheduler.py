@@ -49,6 +49,11 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt tokens of the step (prefill chunks; a decode's one token and its drafts are not counted)."""
+        return sum(s.num_new_tokens for s in self.scheduled if not s.num_draft_tokens and s.num_new_tokens > 1)
+
+    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
@@ -124,9 +129,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_prefill_tokens: int | None = None) -> SchedulerOutput:
+        """One step's batch. `max_prefill_tokens` caps the prompt tokens of the step (chunks of running prefills
+        and admitted prompts; with chunked prefill only), under the step's token budget; decode tokens and their
+        drafts are not capped by it (the engine sets it to bound a step's time: nemoh/engine/step_budget.py)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        prefill_budget = budget if max_prefill_tokens is None or not self.enable_chunked_prefill \
+            else max(1, max_prefill_tokens)
         pending = list(self.running)          # running sequences not yet considered, in arrival order
         kept: list[Sequence] = []             # running sequences that stay running after this step
         while pending:
@@ -142,8 +152,11 @@ class Scheduler:
                 num_drafts = len(seq.draft_token_ids)
                 num_new = 1 + num_drafts
             else:
+                if prefill_budget == 0:
+                    kept.append(seq)
+                    continue
                 seq.draft_token_ids = []
-                num_drafts, num_new = 0, self._chunk(seq, seq.num_computed_tokens, budget)
+                num_drafts, num_new = 0, self._chunk(seq, seq.num_computed_tokens, min(budget, prefill_budget))
             need = self._kv_tokens_needed(seq, num_new, num_drafts)
             if self._never_fits(seq, need):
                 self._fail(seq, out)
@@ -157,10 +170,13 @@ class Scheduler:
             kept.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, num_drafts))
             budget -= num_new
+            if not num_drafts and uncomputed > 1:
+                prefill_budget -= num_new
         self.running = kept
 
         # Admit waiting sequences (FCFS: stop at the first that does not fit; none after a preemption).
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and prefill_budget > 0 and not out.preempted
+               and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             if self._never_fits(seq, seq.num_tokens + self.num_lookahead_tokens):
                 self.waiting.popleft()
@@ -171,7 +187,7 @@ class Scheduler:
             shared, num_copies = self.prefix_cache.blocks_to_share(point) if point is not None else ([], 0)
             if self._must_wait(seq.num_tokens - start, budget):
                 break
-            num_new = self._chunk(seq, start, budget)
+            num_new = self._chunk(seq, start, min(budget, prefill_budget))
             need = self._kv_tokens_needed(seq, num_new, 0, start)
             if not self.state_cache.can_allocate(seq) or not self.block_manager.can_allocate(seq, need, shared,
                                                                                              num_copies):
@@ -187,6 +203,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, 0))
             budget -= num_new
+            prefill_budget -= num_new
         return out
 
     def _fail(self, seq: Sequence, out: SchedulerOutput) -> None:

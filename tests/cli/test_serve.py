@@ -100,6 +100,13 @@ def test_flags_turn_the_defaults_off(started, caplog, tiny_checkpoint):
                for r in caplog.records if r.levelname == "WARNING")
 
 
+def test_steps_have_a_time_budget_unless_turned_off(started, tiny_checkpoint):
+    _, state = started(str(tiny_checkpoint), *SMALL)
+    assert state.engine.engine.step_budget.seconds == 0.25
+    _, state = started(str(tiny_checkpoint), *SMALL, "--max-step-seconds", "0")
+    assert state.engine.engine.step_budget is None
+
+
 def test_a_vllm_command_line_runs(started, caplog, tiny_checkpoint):
     """vLLM's flags work or are accepted with one line each saying they change nothing here."""
     no_effect = []

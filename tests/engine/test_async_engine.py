@@ -154,3 +154,56 @@ def test_validation_and_shutdown(make_async):
             eng.generate(PROMPTS[1], greedy(8), "b")
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def _slow_prefill(eng, seconds_per_token: float) -> None:
+    """A synthetic machine load: every prompt token a step prefills costs `seconds_per_token` more (a sleep, so
+    the GIL is free: what is measured is the step's length, as on a loaded machine where steps took seconds)."""
+    runner = eng.engine.runner
+    execute = runner.execute
+
+    def slow(scheduled):
+        import time
+        time.sleep(seconds_per_token * sum(s.num_new_tokens for s in scheduled
+                                           if not s.num_draft_tokens and s.num_new_tokens > 1))
+        return execute(scheduled)
+
+    runner.execute = slow
+
+
+@pytest.mark.parametrize("max_step_seconds", [0.25, None])
+def test_an_abort_waits_for_no_long_prefill_step(make_async, max_step_seconds):
+    """A burst of prompts arrives while a stream runs; the stream's client leaves during the burst's prefill.
+    Prefilling the burst in one step takes ~2.4 s here: the abort, which takes effect between two steps, would
+    wait for it. With a step time budget the prefill is cut into chunks of about 0.25 s and the abort comes
+    within a second; without one (the control case) it waits for the whole step."""
+    eng = make_async(max_num_seqs=8, max_model_len=512, max_step_seconds=max_step_seconds)
+    _slow_prefill(eng, 0.002)
+    greedy_params = dict(temperature=0.0)
+
+    async def main():
+        from nemoh.sampling_params import SamplingParams
+        import time
+
+        victim = eng.generate([5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True, **greedy_params), "victim")
+        await victim.__anext__()                                      # running, one token out
+        burst = [eng.generate([10 + i] * 200, SamplingParams(max_tokens=2, **greedy_params), f"b{i}")
+                 for i in range(6)]
+        consumers = [asyncio.ensure_future(collect(b)) for b in burst]
+        await asyncio.sleep(0.3)                                      # the burst's prefill is under way
+        start = time.monotonic()
+        await eng.abort("victim")
+        last = None
+        async for last in victim:
+            pass
+        waited = time.monotonic() - start
+        await asyncio.gather(*consumers)
+        return waited, last
+
+    waited, last = asyncio.run(main())
+    assert last is not None and last.finished and last.outputs[0].finish_reason == "abort"
+    if max_step_seconds is None:
+        assert waited > 1.0, waited       # the control: the abort did wait for the long step
+    else:
+        assert waited < 1.0, waited
+    assert_idle(eng.engine)

@@ -116,3 +116,24 @@ def test_spec_drafts_and_lookahead():
     assert len(a.block_table) == 3           # 4 computed + 3 new + 2 lookahead = 9 tokens
     sch.finish(a)
     assert sch.block_manager.num_used_blocks == 0 and sch.state_cache.num_used_slots == 0
+
+
+def test_prefill_cap_bounds_prompt_tokens_but_not_decodes():
+    sch = make(budget=32)
+    a = seq(3, "a")
+    sch.add(a)
+    run_step(sch, sch.schedule())                # a is decoding now
+    b, c = seq(20, "b"), seq(20, "c")
+    sch.add(b)
+    sch.add(c)
+    out = sch.schedule(max_prefill_tokens=8)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 8)]
+    assert out.num_prefill_tokens == 8
+    run_step(sch, out)
+    out = sch.schedule(max_prefill_tokens=10)    # b's next chunk takes all of it: c waits
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 10)]
+    assert sum(s.num_new_tokens for s in out.scheduled if s.seq is not a) == 10
+    assert out.num_prefill_tokens == 10
+    run_step(sch, out)
+    out = sch.schedule()                         # no cap: b's last 2 tokens and all of c
+    assert out.num_prefill_tokens == 22

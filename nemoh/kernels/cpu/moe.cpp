@@ -37,16 +37,24 @@ static void experts(const ExpertsArgs& a) {
     std::vector<float*> sums(nth_total, nullptr);
     std::atomic<int64_t> next{0};
     const Epilogue relu2{nullptr, NEMOH_RELU2, a.round}, store{nullptr, NEMOH_STORE, a.round};
+    // A thread that runs a second share of this call keeps adding into the sum of its first (its scratch): the
+    // pool may give one thread several shares (common.h), and zeroing again would lose the first share's rows.
+    static std::atomic<uint64_t> calls{0};
+    const uint64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
     auto body = [&](int ith, int nth) {
         (void)nth;
+        thread_local uint64_t summing_call = 0;
         float* mem = thread_scratch(R * L + most * (2 * L + I), 1);
         float* sum = mem;
         float* rows_in = sum + R * L;
         float* hidden = rows_in + most * L;
         float* rows_out = hidden + most * I;
         float* gemm = thread_scratch(gemm_scratch_floats(most, std::max(L, I)), 0);
-        std::fill(sum, sum + R * L, 0.f);
-        sums[ith] = sum;
+        if (summing_call != call) {
+            summing_call = call;
+            std::fill(sum, sum + R * L, 0.f);
+            sums[ith] = sum;
+        }
         for (int64_t t; (t = next.fetch_add(1)) < static_cast<int64_t>(active.size());) {
             const int64_t e = active[t], b = first[e], n = first[e + 1] - b;
             for (int64_t i = 0; i < n; ++i)
@@ -69,7 +77,8 @@ static void experts(const ExpertsArgs& a) {
         float* o = a.out + r * a.out_stride;
         for (int64_t j = 0; j < L; ++j) {
             float v = 0.f;
-            for (int t = 0; t < used; ++t) v += sums[t][r * L + j];
+            for (int t = 0; t < used; ++t)
+                if (sums[t]) v += sums[t][r * L + j];
             o[j] = act(v, a.round);
         }
     }

@@ -50,10 +50,24 @@ void ThreadPool::set_threads(int n) {
     nth_ = n;
     // a worker starts from the generation current now: a job posted before its thread runs is still its job
     uint32_t start = generation_.load(std::memory_order_acquire);
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, start] { worker(i, start); });
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, start] { worker(start); });
 }
 
-void ThreadPool::worker(int ith, uint32_t seen) {
+// Claim and run shares of job `generation` until none is left (or a newer job replaced it).
+void ThreadPool::run_shares(uint32_t generation) {
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    for (;;) {
+        if (static_cast<uint32_t>(c >> 32) != generation || static_cast<int>(c & 0xffffffffu) >= nth_) return;
+        if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        // the job cannot change before this share is counted done: fn_ and ctx_ are this job's
+        fn_(ctx_, static_cast<int>(c & 0xffffffffu), nth_);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        done_.notify_all();
+        c = claim_.load(std::memory_order_acquire);
+    }
+}
+
+void ThreadPool::worker(uint32_t seen) {
     for (;;) {
         uint32_t g = generation_.load(std::memory_order_acquire);
         if (g == seen) {
@@ -71,8 +85,7 @@ void ThreadPool::worker(int ith, uint32_t seen) {
         }
         seen = g;
         if (stop_.load()) return;
-        fn_(ctx_, ith, nth_);
-        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+        run_shares(g);
     }
 }
 
@@ -83,11 +96,19 @@ void ThreadPool::run(JobFn fn, void* ctx) {
     }
     fn_ = fn;
     ctx_ = ctx;
-    remaining_.store(nth_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t g = generation_.load(std::memory_order_relaxed) + 1;
+    claim_.store(static_cast<uint64_t>(g) << 32, std::memory_order_release);
+    generation_.store(g, std::memory_order_release);
     if (sleepers_.load() > 0) generation_.notify_all();
-    fn(ctx, 0, nth_);
-    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+    run_shares(g);
+    // only shares that a worker claimed and is still running are left: wait for them, spinning briefly first
+    int64_t deadline = now_ns() + spin_ns_;
+    int spins = 0;
+    for (int d; (d = done_.load(std::memory_order_acquire)) < nth_;) {
+        if (++spins % 64 == 0 && now_ns() > deadline) done_.wait(d, std::memory_order_acquire);
+        else cpu_relax();
+    }
 }
 
 // ---- formats ----------------------------------------------------------------------------------------------
