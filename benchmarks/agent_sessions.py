@@ -220,12 +220,14 @@ def concurrent(server: Server, sessions: list[list[dict]]) -> tuple[int, int, in
             totals["failed"])
 
 
-def decode_speed(server: Server, body: dict, rounds: int = 3) -> float:
-    speeds = []
-    for _ in range(rounds):
-        _, usage, seconds, n = server.stream({**body, "max_tokens": 96, "ignore_eos": True})
-        speeds.append((n - 1) / seconds if seconds else 0.0)
-    return statistics.median(speeds)
+def decode_speeds(off: Server, on: Server, body: dict, rounds: int = 5) -> tuple[float, float]:
+    """Median decode tok/s of each side, alternating which side goes first each round."""
+    speeds: dict[int, list[float]] = {id(off): [], id(on): []}
+    for r in range(rounds):
+        for server in ((off, on) if r % 2 == 0 else (on, off)):
+            _, usage, seconds, n = server.stream({**body, "max_tokens": 96, "ignore_eos": True})
+            speeds[id(server)].append((n - 1) / seconds if seconds else 0.0)
+    return statistics.median(speeds[id(off)]), statistics.median(speeds[id(on)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 small.stop()
 
-        print("\n## decode speed (96 tokens after a 12-turn context, medians of 3)")
+        print("\n## decode speed (96 tokens after a 12-turn context, medians of 5 alternating rounds)")
         body = long[-1]
-        speed_off, speed_on = decode_speed(off, body), decode_speed(on, body)
+        speed_off, speed_on = decode_speeds(off, on, body)
         print(f"cache off {speed_off:.1f} tok/s, cache on {speed_on:.1f} tok/s, ratio {speed_on / speed_off:.2f}")
     finally:
         on.stop()

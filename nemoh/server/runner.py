@@ -47,6 +47,19 @@ class NemohH11Protocol(H11Protocol):
         super().__init__(config, *args, **kwargs)
         self.conn = _RememberingConnection(h11.SERVER, config.h11_max_incomplete_event_size)
 
+    def connection_made(self, transport: Any) -> None:
+        # asyncio sets TCP_NODELAY only on sockets whose protocol number says TCP; a socket made as
+        # socket.socket(AF_INET, SOCK_STREAM) (proto 0; ServerThread callers) would keep Nagle's algorithm on,
+        # and a response written as headers + body then waits for the client's delayed ACK: 40 ms on every
+        # keep-alive request (measured with httpx: 50 ms against 8 ms for a 3-token reply).
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        super().connection_made(transport)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         # uvicorn cancels the keep-alive timer only on a clean close; after a reset the timer kept this protocol,

@@ -199,3 +199,16 @@ def test_sse_format_and_done(server):
     payloads = [json.loads(line[6:]) for line in lines[:-1]]
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
     assert any(p["choices"] and p["choices"][0]["finish_reason"] for p in payloads)
+
+
+def test_responses_are_sent_without_nagle_delay(server):
+    """Every connection has TCP_NODELAY, even on a listening socket made without the TCP protocol number (as
+    this test's is): without it a keep-alive response written as headers + body waited for the client's
+    delayed ACK, 40 ms per request."""
+    import socket
+
+    with httpx.Client(base_url=server.base_url) as client:
+        assert client.get("/health").status_code == 200
+        connections = list(server.thread.server.server_state.connections)
+        socks = [c.transport.get_extra_info("socket") for c in connections]
+        assert socks and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
