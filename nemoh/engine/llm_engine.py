@@ -20,7 +20,7 @@ from nemoh.engine.config import EngineArgs
 from nemoh.engine.detokenizer import IncrementalDetokenizer
 from nemoh.engine.grammar_compiler import GrammarCompiler
 from nemoh.engine.guided import GrammarMasks, GrammarState, TokenMasks
-from nemoh.engine.kv_cache import BlockManager
+from nemoh.engine.kv_cache import BlockManager, blocks_for
 from nemoh.engine.model_runner import ModelRunner, SeqResult
 from nemoh.engine.outputs import CompletionOutput, RequestOutput
 from nemoh.engine.prefix_cache import PrefixCache
@@ -186,6 +186,10 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise ValueError(f"prompt: {n} tokens do not leave room for any output within "
                              f"max_model_len={self.max_model_len}")
+        cache_tokens = self.block_manager.num_blocks * self.args.block_size
+        if blocks_for(n + self.num_speculative_tokens + 1, self.args.block_size) > self.block_manager.num_blocks:
+            # only with caches sized by hand (num_kv_blocks): the memory plan makes room for max_model_len
+            raise ValueError(f"prompt: {n} tokens need more KV cache than the engine has ({cache_tokens} tokens)")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: not supported by the nemoh engine (use logprobs for generated tokens)")

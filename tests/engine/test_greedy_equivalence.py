@@ -1,4 +1,5 @@
 """Greedy outputs must not depend on how the engine schedules: HF oracle, batching, chunking, MTP, preemption."""
+import pytest
 import torch
 from engine_helpers import PROMPTS, assert_idle, greedy
 
@@ -53,9 +54,14 @@ def test_mtp_speculative_greedy_is_identical(make_llm, greedy_ref):
 
 def test_request_that_never_fits_fails_alone(make_llm, greedy_ref):
     tiny = make_llm(num_kv_blocks=3, block_size=16)    # 48 tokens of KV
-    outs = tiny.generate([PROMPTS[1], list(range(200, 260))], [greedy(), greedy()])
+    # a prompt that fits, whose output outgrows the cache, fails alone when it does
+    outs = tiny.generate([PROMPTS[1], list(range(200, 240))], [greedy(), greedy(16)])
     assert outs[0].outputs[0].token_ids == greedy_ref[1]
     assert outs[1].outputs[0].finish_reason == "error" and outs[1].error
+    assert_idle(tiny.engine)
+    # a prompt longer than the whole cache is refused before it is queued (a 400 from the server)
+    with pytest.raises(ValueError, match="prompt: 60 tokens need more KV cache than the engine has"):
+        tiny.engine.add_request("too-long", prompt_token_ids=list(range(200, 260)), params=greedy())
     assert_idle(tiny.engine)
 
 
