@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             server.engine.engine.reset_prefix_cache()
             prompt, cached, seen, ttft, failed = concurrent(server, many)
             print(f"{name:<34} {prompt:>7} {cached:>7} {cached / max(seen, 1):>11.1%} {ttft:>8.1f} {failed:>6}")
-        for slots, blocks in ((6, 2048), (4, 2048), (3, 2048), (2, 2048), (6, 160), (6, 96)):
+        # the fewest KV blocks any one request needs (its prompt + reply + MTP lookahead): the small caches below
+        # hold 2x and 1.25x that, so a request never fails for want of room, only the hits degrade
+        longest = max(len(on.tokenize(session[-1])) for session in many) + args.max_tokens + 8
+        need = -(-longest // 16)
+        for slots, blocks in ((6, 2048), (4, 2048), (3, 2048), (2, 2048), (6, 2 * need), (6, need * 5 // 4)):
             small = Server(args.model, **{**common, "num_kv_blocks": blocks, "prefix_cache_state_slots": slots})
             try:
                 prompt, cached, seen, ttft, failed = concurrent(small, many)

@@ -225,3 +225,33 @@ def test_reset_prefix_cache(make_llm):
     assert llm.engine.prefix_cache.num_points == 0 and llm.engine.block_manager.num_cached_blocks == 0
     assert llm.engine.state_cache.num_used_snapshot_slots == 0
     assert converse(llm, PROMPTS[2], 1)[0][1] == 0
+
+
+@pytest.fixture(scope="module")
+def quantized_ckpts(ckpt, tmp_path_factory):
+    from nemoh.quant.quantize import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("prefix_quant")
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(f"my laptop {i} cannot reach the VPN server" for i in range(8)))
+    quantize_checkpoint(ckpt[0], root / "nvfp4", fmt="nvfp4", progress=False)
+    quantize_checkpoint(ckpt[0], root / "fp8", fmt="fp8", calib_file=calib, calib_samples=4, progress=False)
+    return {"nvfp4": str(root / "nvfp4"), "fp8": str(root / "fp8")}
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_quantized_checkpoints_resume_identically(quantized_ckpts, fmt):
+    """NVFP4 / FP8 weights: the same greedy tokens with the cache on and off, and the hits."""
+    from nemoh import LLM
+
+    def make(**kwargs):
+        return LLM(quantized_ckpts[fmt], dtype="float32", max_model_len=256, cache_memory_gb=0.05, max_num_seqs=16,
+                   **kwargs)
+    first = list(range(30, 75))
+    off = converse(make(enable_prefix_caching=False), first, 3)
+    on_llm = make()
+    assert fmt in on_llm.engine.model.quant_config.quant_algo.lower()     # the products read packed weights
+    on = converse(on_llm, first, 3)
+    assert_same(off, on)
+    assert_hits_from_turn_two(on)
+    assert_idle(on_llm.engine)
