@@ -113,7 +113,7 @@ def run_plan(args: argparse.Namespace) -> int:
                              tp=args.tensor_parallel_size, expert_parallel=args.enable_expert_parallel,
                              device_type="cuda",
                              utilization=engine_args.gpu_memory_utilization)
-            if engine_args.enable_prefix_caching and args.tensor_parallel_size == 1:   # (off at TP > 1, as serve)
+            if engine_args.enable_prefix_caching:
                 plan.prefix_snapshots = (engine_args.prefix_cache_state_slots
                                          if engine_args.prefix_cache_state_slots is not None
                                          else plan.default_prefix_snapshots())

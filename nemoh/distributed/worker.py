@@ -48,8 +48,12 @@ class ParallelDriver:
     def attach(self, engine) -> None:
         """Tell the workers the cache sizes the driver chose, then route the engine's runner calls through here."""
         runner = engine.runner
-        self.send(("init", runner.num_kv_blocks, runner.num_state_slots, engine.max_model_len))
+        self.send(("init", runner.num_kv_blocks, runner.num_state_slots, runner.num_snapshot_slots,
+                   engine.max_model_len))
         engine.runner = DriverRunner(runner, self)
+        if engine.prefix_cache is not None:         # its state and block copies happen on every rank
+            engine.prefix_cache.copy_state = engine.runner.copy_state
+            engine.prefix_cache.copy_block = engine.runner.copy_block
         if engine.proposer is not None:
             engine.proposer = DriverProposer(engine.proposer, self)
 
@@ -90,6 +94,14 @@ class DriverRunner:
         self._driver.send(("rollback", seq.seq_id, seq.state_slot, position))
         self._runner.rollback_mamba_state(seq, intermediate, position)
 
+    def copy_state(self, src: int, dst: int) -> None:
+        self._driver.send(("copy_state", src, dst))
+        self._runner.copy_state(src, dst)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self._driver.send(("copy_block", src, dst))
+        self._runner.copy_block(src, dst)
+
 
 class DriverProposer:
     def __init__(self, proposer, driver: ParallelDriver):
@@ -99,9 +111,12 @@ class DriverProposer:
         return getattr(self._proposer, name)
 
     def propose(self, requests) -> None:
+        # a sequence just resumed from the prefix cache redoes the resume point's last position first, with the
+        # hidden state the point kept (the driver's alone): it travels with the message
         items = [(r.seq.seq_id, r.start, r.hidden.shape[0], r.needs_draft,
                   r.seq.token_ids[r.start + 1:r.start + 1 + r.hidden.shape[0]], list(r.seq.block_table),
-                  r.seq.state_slot) for r in requests]
+                  r.seq.state_slot, r.resumed_hidden.cpu() if r.resumed_hidden is not None else None)
+                 for r in requests]
         self._driver.send(("propose", items))
         self._proposer.propose(requests)
 
@@ -210,9 +225,10 @@ def run_worker(info: RankInfo, model_dir: str, args) -> None:
     message = channel.receive()
     if message[0] != "init":
         return
-    _, num_kv_blocks, num_state_slots, max_model_len = message
+    _, num_kv_blocks, num_state_slots, num_snapshot_slots, max_model_len = message
     runner = ModelRunner(model, replace(args, num_kv_blocks=num_kv_blocks, num_state_slots=num_state_slots,
-                                        enable_prefix_caching=False),
+                                        enable_prefix_caching=num_snapshot_slots > 0,
+                                        prefix_cache_state_slots=num_snapshot_slots),
                          max_model_len)
     runner.input_tokens = lambda s: s.seq.tokens          # the driver sent each sequence's input tokens
     k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
@@ -230,8 +246,14 @@ def run_worker(info: RankInfo, model_dir: str, args) -> None:
             runner.rollback_mamba_state(_SeqMirror(sid, [], slot), results[sid].intermediate, position)
         elif kind == "propose":
             proposer.propose([DraftRequest(_SeqMirror(sid, table, slot, token_ids=_Window(start + 1, window)), start,
-                                           results[sid].hidden[:m], needs_draft)
-                              for sid, start, m, needs_draft, window, table, slot in message[1]])
+                                           results[sid].hidden[:m] if lead is None else
+                                           torch.cat([lead.to(results[sid].hidden), results[sid].hidden[:m - 1]]),
+                                           needs_draft)
+                              for sid, start, m, needs_draft, window, table, slot, lead in message[1]])
+        elif kind == "copy_state":
+            runner.copy_state(message[1], message[2])
+        elif kind == "copy_block":
+            runner.copy_block(message[1], message[2])
         elif kind == "shutdown":
             return
         else:

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -127,11 +127,6 @@ class LLMEngine:
         if args.tensor_parallel_size > 1:
             from nemoh.distributed.worker import load_parallel
 
-            if args.enable_prefix_caching:
-                # the workers do not yet mirror the prefix cache's state and block copies (nor the MTP hidden
-                # a resume point keeps): off rather than wrong
-                logger.warning("nemoh: prefix caching is off under tensor parallelism (not supported yet)")
-                args = replace(args, enable_prefix_caching=False)
 
             model, parallel = load_parallel(os.fspath(model_dir), args)
             try:
@@ -429,11 +424,12 @@ class LLMEngine:
     def _draft_request(self, r: SeqResult, num_computed: int, needs_draft: bool) -> DraftRequest:
         """The MTP pass over the positions computed this step (and the resume point's last one, right after
         resuming from the prefix cache: its MTP entry depends on this sequence's next token)."""
-        seq, start, hidden = r.scheduled.seq, r.start, r.hidden[:num_computed]
+        seq, start, hidden, resumed = r.scheduled.seq, r.start, r.hidden[:num_computed], None
         if seq.resume_hidden is not None:
-            start, hidden = start - 1, torch.cat([seq.resume_hidden, hidden])
+            resumed = seq.resume_hidden
+            start, hidden = start - 1, torch.cat([resumed, hidden])
             seq.resume_hidden = None
-        return DraftRequest(seq, start, hidden, needs_draft=needs_draft)
+        return DraftRequest(seq, start, hidden, needs_draft=needs_draft, resumed_hidden=resumed)
 
     def _cache_prefix(self, r: SeqResult, num_computed: int) -> None:
         """Register the newly computed full blocks; save a resume point where the prefix cache asked for one

@@ -27,6 +27,9 @@ class DraftRequest:
     start: int                  # first position the main model computed this step
     hidden: torch.Tensor        # (m, hidden): main-model hidden at positions start ... start + m - 1
     needs_draft: bool           # False for a prefill chunk that does not reach the end of the prompt
+    # right after resuming from the prefix cache: the resume point's hidden, hidden[:1] (tensor parallel workers
+    # get it from the driver; nemoh.distributed.worker)
+    resumed_hidden: torch.Tensor | None = None
 
 
 class Proposer(Protocol):

@@ -52,3 +52,30 @@ def test_worker_death_is_seen(tp_checkpoints):
                 llm.engine.step()
     finally:
         llm.engine.close()
+
+
+def converse(llm: LLM, turns: int = 3) -> list[tuple[int, list[int], list[float]]]:
+    """An agent-style conversation through the prefix cache: each turn re-sends everything with the previous
+    prompt's last token re-rendered (as Nemotron's template does), so turns 2+ resume one token before the
+    previous prompt's end (a copied block, a snapshot copy, the resume point's MTP hidden)."""
+    prompt, out = list(range(30, 75)), []
+    for t in range(turns):
+        o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))[0]
+        c = o.outputs[0]
+        out.append((o.num_cached_tokens, c.token_ids, [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]))
+        prompt = prompt[:-1] + [999] + o.outputs[0].token_ids + [500 + 7 * t + i for i in range(6)]
+    return out
+
+
+def test_tp2_prefix_caching_resumes_like_one_rank(tp_checkpoints):
+    one = converse(LLM(tp_checkpoints["f32"], **KW))
+    llm = LLM(tp_checkpoints["f32"], tensor_parallel_size=2, **KW)
+    try:
+        assert llm.engine.prefix_cache is not None
+        two = converse(llm)
+    finally:
+        llm.engine.close()
+    assert [ids for _, ids, _ in two] == [ids for _, ids, _ in one]
+    assert [c for c, _, _ in two] == [c for c, _, _ in one] and all(c > 0 for c, _, _ in two[1:])
+    for (_, _, a), (_, _, b) in zip(one, two):
+        assert a == pytest.approx(b, abs=1e-5)
