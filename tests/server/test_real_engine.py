@@ -200,7 +200,9 @@ def test_metrics_exposed(real_server):
 
 
 def test_queue_full_and_recovery(tiny_checkpoint):
-    engine = real_engine(tiny_checkpoint, max_num_seqs=1, max_waiting_requests=1)
+    # long enough that the held requests outlast the test on a fast machine (~1 ms a token here)
+    engine = real_engine(tiny_checkpoint, max_num_seqs=1, max_waiting_requests=1, max_model_len=8192,
+                         num_kv_blocks=1100)
     server = start_server(engine)
     try:
         streams = []
@@ -208,7 +210,8 @@ def test_queue_full_and_recovery(tiny_checkpoint):
 
         def hold(i: int) -> None:  # keep a long request streaming until told to stop
             with httpx.stream("POST", server.base_url + "/v1/completions", headers=AUTH,
-                              json={"prompt": f"hold {i}", "max_tokens": 200, "stream": True}) as r:
+                              json={"prompt": f"hold {i}", "max_tokens": 8000, "ignore_eos": True,
+                                    "stream": True}) as r:
                 for _ in r.iter_lines():
                     if stop.is_set():
                         break
