@@ -63,7 +63,7 @@ def model_tensors(config: NemotronHConfig, quant_config=None):
     of that type, and each Linear is swapped for its quantized module where the quantization config names it
     (a 120B model's 41k expert modules would take minutes to construct; this takes seconds)."""
     from nemoh.models.mtp import MTPBlock
-    from nemoh.models.nemotron_h import Block
+    from nemoh.models.nemotron_h import Block, make_embedding
     from nemoh.models.linear import Linear
     from nemoh.models.norm import RMSNorm
     from nemoh.quant.linear import QUANT_LINEAR_CLASSES
@@ -87,7 +87,7 @@ def model_tensors(config: NemotronHConfig, quant_config=None):
 
     with torch.device("meta"):
         templates = {t: Block(config, config.layer_types.index(t)) for t in set(config.layer_types)}
-        yield from walk("backbone.embeddings", nn.Embedding(config.vocab_size, config.hidden_size))
+        yield from walk("backbone.embeddings", make_embedding(config.vocab_size, config.hidden_size))
         for i, layer_type in enumerate(config.layer_types):
             yield from walk(f"backbone.layers.{i}", templates[layer_type])
         yield from walk("backbone.norm_f", RMSNorm(config.hidden_size, config.layer_norm_epsilon))
