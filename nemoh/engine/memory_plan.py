@@ -296,8 +296,9 @@ class MemoryPlan:
         """ValueError naming what does fit when not even one sequence of max_model_len fits."""
         if self.cache_bytes <= 0 and self.cache_budget is None:
             raise ValueError(
-                f"the model does not fit: {self.usable_bytes / GiB:.2f} GiB usable, weights and copies take "
-                f"{self.resident_bytes / GiB:.2f} GiB and a step's transients {self.transient_bytes / GiB:.2f} GiB; "
+                f"the model does not fit: {self.usable_bytes / GiB:.2f} GiB usable, weights, their copies and "
+                f"buffers take {self.resident_bytes / GiB:.2f} GiB and a step's transients "
+                f"{self.transient_bytes / GiB:.2f} GiB; "
                 "use a larger device, a quantized checkpoint, a smaller --max-num-batched-tokens / --max-num-seqs "
                 "or more GPUs (--tensor-parallel-size)")
         if self.fit(self.max_model_len) < 1:
@@ -308,7 +309,7 @@ class MemoryPlan:
                 f"--max-model-len {self.max_model_len} does not fit: one sequence needs "
                 f"{self.seq_bytes(self.max_model_len) / GiB:.3f} GiB of KV cache and Mamba state, "
                 f"{max(0, self.cache_bytes) / GiB:.3f} GiB is left for caches after weights "
-                f"({self.resident_bytes / GiB:.2f} GiB with copies) and step transients "
+                f"({self.resident_bytes / GiB:.2f} GiB with copies and buffers) and step transients "
                 f"({self.transient_bytes / GiB:.2f} GiB); {fits}")
 
     def summary_lines(self, lengths: list[int] | None = None) -> list[str]:
