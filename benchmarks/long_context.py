@@ -8,7 +8,9 @@ Each length runs in a fresh process (so its peak RSS is its own): RSS after `imp
 plan does not count (the interpreter, torch); the peak is /proc/self/status VmHWM at the end. The plan's
 prediction is its resident bytes (weights, CPU copies) + the transients of a step + the caches the engine
 allocated (zero-filled, so resident from the start): with max_num_seqs 1 at --max-model-len 262144, one
-sequence's 256k tokens of KV blocks and its Mamba slot.
+sequence's 256k tokens of KV blocks and its Mamba slot. The transients are those the engine's start-up profiling
+step measured (nemoh.engine.memory_profile; the estimate is printed beside them); that step resets VmHWM, so the
+peak is the larger of VmHWM at the end and the high-water mark the profiling step saw.
 
 Needle check (--needle N): the demo model cannot retrieve, so the check reads the logits. Two prompts of N
 tokens differ only in their first token, N - 1 positions back; the top-20 logprobs of the next token are
@@ -74,12 +76,15 @@ def child_run(args) -> dict:
             if first is None and generated:
                 first = time.perf_counter()
     end = time.perf_counter()
-    plan = engine.runner.plan
+    plan, profile = engine.runner.plan, engine.runner.profile
     # the caches are zero-filled when they are allocated: all of their pages are resident from the start
     predicted = plan.resident_bytes + plan.transient_bytes + engine.runner.cache_bytes
+    # the start-up profiling step resets VmHWM (/proc/self/clear_refs) and reports the high-water mark it saw
+    peak = max(_status("VmHWM"), (profile.rss_high_water or 0) if profile is not None else 0)
     return {"length": n, "prefill_s": first - start, "decode_s": end - first, "decode_tokens": generated - 1,
-            "baseline_rss": baseline, "peak_rss": _status("VmHWM"), "plan_bytes": predicted,
+            "baseline_rss": baseline, "peak_rss": peak, "plan_bytes": predicted,
             "plan_resident": plan.resident_bytes, "plan_transient": plan.transient_bytes,
+            "plan_transient_estimated": plan.estimated_transient_bytes,
             "plan_seq": engine.runner.cache_bytes, "spec_k": plan.num_speculative_tokens}
 
 
@@ -201,7 +206,8 @@ def main() -> int:
               f"{r['decode_tokens']} tokens {r['decode_s']:5.2f} s; peak RSS {r['peak_rss'] / GiB:.3f} GiB "
               f"(baseline {r['baseline_rss'] / GiB:.3f}, above it {(r['peak_rss'] - r['baseline_rss']) / GiB:.3f}); "
               f"plan {r['plan_bytes'] / GiB:.3f} GiB (resident {r['plan_resident'] / GiB:.3f} + transient "
-              f"{r['plan_transient'] / GiB:.3f} + caches {r['plan_seq'] / GiB:.3f}); ratio "
+              f"{r['plan_transient'] / GiB:.3f} measured, {r['plan_transient_estimated'] / GiB:.3f} estimated + "
+              f"caches {r['plan_seq'] / GiB:.3f}); ratio "
               f"{(r['peak_rss'] - r['baseline_rss']) / r['plan_bytes']:.2f}", flush=True)
     if args.needle:
         out = subprocess.run(base + ["--child", "0", "--child-needle", "--needle", str(args.needle)],

@@ -134,6 +134,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="always run the plain PyTorch step (no compiled fast path)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--cache-memory-gb", type=float, default=None, help="memory for KV blocks + Mamba state slots")
+    g.add_argument("--profile-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure a step's peak transient memory at start-up with dummy steps at the largest shapes "
+                        "and size the caches from what is left; default on unless --cache-memory-gb is given")
     g.add_argument("--cpu-packed-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: oneDNN-packed copies of the weights of 131072+ elements (faster; more memory); "
                         "default on")
@@ -212,6 +215,7 @@ def engine_kwargs(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, Any]:
         "enforce_eager": args.enforce_eager,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "cache_memory_gb": args.cache_memory_gb,
+        "profile_memory": args.profile_memory,
         "cpu_packed_weights": args.cpu_packed_weights,
         "tokenizer": args.tokenizer,
         "seed": args.seed,

@@ -104,7 +104,7 @@ class CapturedSteps:
     def __init__(self, model: torch.nn.Module, runner, max_seqs: int, num_speculative_tokens: int,
                  max_model_len: int):
         k = num_speculative_tokens
-        caches = PlanCaches(runner.kv_caches, runner.mamba_caches, runner.kv_scales)
+        caches = PlanCaches(runner.kv_caches, runner.mamba_caches, runner.kv_scales, runner.verify_states)
         max_blocks = blocks_for(max_model_len + 2 * k + 1, runner.block_size)
         self.block_size = runner.block_size
         self.k = k

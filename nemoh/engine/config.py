@@ -69,6 +69,9 @@ class EngineArgs:
     enforce_eager: bool = False                    # True: every step runs the eager PyTorch forward (no captured
                                                    # steps; nemoh.engine.captured_step)
     captured_step: str = "auto"                    # one of CAPTURED_STEPS
+    profile_memory: bool | None = None             # a start-up profiling step measures a step's peak transient
+                                                   # memory (nemoh.engine.memory_profile); None: when the caches
+                                                   # are sized from free memory (no cache_memory_gb/num_kv_blocks)
     num_kv_blocks: int | None = None               # explicit cache sizes (tests); override the memory budget
     num_state_slots: int | None = None
     # prefix caching (nemoh.engine.prefix_cache): on by default, as in vLLM
@@ -116,6 +119,8 @@ class EngineArgs:
         for name in ("cpu_packed_weights", "enforce_eager", "enable_prefix_caching", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
+        if self.profile_memory is not None and not isinstance(self.profile_memory, bool):
+            bad("profile_memory", "must be True, False or None")
         for name in ("gpu_memory_utilization", "cpu_memory_utilization"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 bad(name, "must be in (0, 1]")

@@ -165,6 +165,8 @@ class GraphSteps:
         """The per-position Mamba states of a verification, (max_seqs, 1 + k, ...) per layer: one set shared by
         every verify bucket (a bucket of b sequences fills the first b rows; steps never overlap), so they cost
         what one largest verification keeps, as the memory plan counts, not once per bucket."""
+        if self._saved is None and self.runner.verify_states is not None:
+            self._saved = self.runner.verify_states      # the engine's one set, shared with eager verifications
         if self._saved is None:
             dev, q = self.runner.device, 1 + self.k
             self._saved = {i: (torch.zeros(self.max_seqs, q, *c.shape[1:], dtype=c.dtype, device=dev),

@@ -538,6 +538,9 @@ class LLMEngine:
 
     def stats(self) -> dict:
         spec, plan = self.spec_stats, self.runner.plan
+        measured = {} if plan.measured_transient is None else {
+            # what the start-up profiling step measured (nemoh.engine.memory_profile); the caches were sized from it
+            "memory_plan_transient_measured_bytes": plan.measured_transient}
         return {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
@@ -562,6 +565,8 @@ class LLMEngine:
             # the memory plan the caches were sized from (nemoh.engine.memory_plan), in bytes
             "memory_plan_weights_bytes": plan.resident_bytes,
             "memory_plan_transient_bytes": plan.transient_bytes,
+            "memory_plan_transient_estimated_bytes": plan.estimated_transient_bytes,
+            **measured,
             "memory_plan_cache_bytes": self.runner.cache_bytes,
             "memory_plan_kv_bytes_per_token": plan.kv_bytes_per_token,
             "memory_plan_mamba_bytes_per_seq": plan.mamba_bytes_per_seq,

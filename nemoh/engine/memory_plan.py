@@ -61,7 +61,7 @@ def model_tensors(config: NemotronHConfig, quant_config=None):
     of that type, and each Linear is swapped for its quantized module where the quantization config names it
     (a 120B model's 41k expert modules would take minutes to construct; this takes seconds)."""
     from nemoh.models.mtp import MTPBlock
-    from nemoh.models.nemotron_h import Block
+    from nemoh.models.nemotron_h import Block, make_embedding
     from nemoh.models.linear import Linear
     from nemoh.models.norm import RMSNorm
     from nemoh.quant.linear import QUANT_LINEAR_CLASSES
@@ -85,7 +85,7 @@ def model_tensors(config: NemotronHConfig, quant_config=None):
 
     with torch.device("meta"):
         templates = {t: Block(config, config.layer_types.index(t)) for t in set(config.layer_types)}
-        yield from walk("backbone.embeddings", nn.Embedding(config.vocab_size, config.hidden_size))
+        yield from walk("backbone.embeddings", make_embedding(config.vocab_size, config.hidden_size))
         for i, layer_type in enumerate(config.layer_types):
             yield from walk(f"backbone.layers.{i}", templates[layer_type])
         yield from walk("backbone.norm_f", RMSNorm(config.hidden_size, config.layer_norm_epsilon))
@@ -247,6 +247,10 @@ class MemoryPlan:
     # engine_plan / `nemoh plan` with prefix caching on; they come out of the cache budget before sequences do
     prefix_snapshots: int = 0
     expert_parallel: bool = False
+    # the peak transient memory the engine's start-up profiling step measured (nemoh.engine.memory_profile); when
+    # set, it replaces the estimate `transient` in what the caches are sized from
+    measured_transient: int | None = None
+    measured_by: str | None = None
 
     @property
     def usable_bytes(self) -> int:
@@ -257,8 +261,15 @@ class MemoryPlan:
         return sum(self.resident.values())
 
     @property
-    def transient_bytes(self) -> int:
+    def estimated_transient_bytes(self) -> int:
         return sum(self.transient.values())
+
+    @property
+    def transient_bytes(self) -> int:
+        """The transients the caches are sized around: measured at start-up when profiled, else estimated."""
+        if self.measured_transient is not None:
+            return self.measured_transient
+        return self.estimated_transient_bytes
 
     @property
     def cache_bytes(self) -> int:
@@ -328,8 +339,9 @@ class MemoryPlan:
         """ValueError naming what does fit when not even one sequence of max_model_len fits."""
         if self.cache_bytes <= 0 and self.cache_budget is None:
             raise ValueError(
-                f"the model does not fit: {self.usable_bytes / GiB:.2f} GiB usable, weights and copies take "
-                f"{self.resident_bytes / GiB:.2f} GiB and a step's transients {self.transient_bytes / GiB:.2f} GiB; "
+                f"the model does not fit: {self.usable_bytes / GiB:.2f} GiB usable, weights, their copies and "
+                f"buffers take {self.resident_bytes / GiB:.2f} GiB and a step's transients "
+                f"{self.transient_bytes / GiB:.2f} GiB; "
                 "use a larger device, a quantized checkpoint, a smaller --max-num-batched-tokens / --max-num-seqs "
                 "or more GPUs (--tensor-parallel-size)")
         if self.fit(self.max_model_len) < 1:
@@ -340,7 +352,7 @@ class MemoryPlan:
                 f"--max-model-len {self.max_model_len} does not fit: one sequence needs "
                 f"{self.seq_bytes(self.max_model_len) / GiB:.3f} GiB of KV cache and Mamba state, "
                 f"{max(0, self.cache_bytes) / GiB:.3f} GiB is left for caches after weights "
-                f"({self.resident_bytes / GiB:.2f} GiB with copies) and step transients "
+                f"({self.resident_bytes / GiB:.2f} GiB with copies and buffers) and step transients "
                 f"({self.transient_bytes / GiB:.2f} GiB); {fits}")
 
     def summary_lines(self, lengths: list[int] | None = None) -> list[str]:
@@ -364,6 +376,9 @@ class MemoryPlan:
         lines.append(f"transients per step {self.transient_bytes / g:.2f} GiB (max_num_batched_tokens "
                      f"{self.max_num_batched_tokens}, max_num_seqs {self.max_num_seqs}, MTP k "
                      f"{self.num_speculative_tokens})")
+        if self.measured_transient is not None:
+            lines.append(f"  measured by the start-up profiling step {self.measured_transient / g:9.3f} GiB "
+                         f"({self.measured_by}); planned {self.estimated_transient_bytes / g:.3f} GiB:")
         for name, value in self.transient.items():
             lines.append(f"  {name:<30} {value / g:9.3f} GiB")
         lines.append(f"KV cache {str(self.kv_dtype).removeprefix('torch.')}: {self.kv_bytes_per_token:,} bytes per "
@@ -436,10 +451,13 @@ def make_plan(config: NemotronHConfig, *, device_bytes: int, quant_config=None, 
         transient[f"step of {step_rows} rows"] = peak(verify)
     if k:
         verify_seqs = max(1, step_rows // (1 + k))
-        # every Mamba layer keeps (1 + k) states per sequence until the roll-back, plus one layer's float32 copy
-        transient[f"MTP verify states ({verify_seqs} seqs x {1 + k} positions)"] = (
-            verify_seqs * (1 + k) * mamba_bytes_per_seq
-            + 2 * verify_seqs * (1 + k) * mamba_heads * config.mamba_head_dim * config.ssm_state_size * 4)
+        # every Mamba layer keeps (1 + k) states per sequence until the roll-back, in buffers the engine allocates
+        # once for max_num_seqs sequences (nemoh.engine.model_runner: verify_states), which captured and eager
+        # verifications share; a verification computes one layer's states in float32 before they are stored
+        resident[f"MTP verify states ({max_num_seqs} seqs x {1 + k} positions)"] = (
+            max_num_seqs * (1 + k) * mamba_bytes_per_seq)
+        transient[f"MTP verify, one layer's float32 states ({verify_seqs} seqs)"] = (
+            2 * verify_seqs * (1 + k) * mamba_heads * config.mamba_head_dim * config.ssm_state_size * 4)
         # the MTP block drafts over the prefill chunk's rows too: one more layer's activations and its input
         transient["MTP draft over a chunk"] = 4 * prefill_tokens * config.hidden_size * _elem(dtype)
     if device_type == "cuda" and weights.largest_expert_stack:
@@ -469,15 +487,17 @@ def device_memory(device: torch.device) -> tuple[int, int]:
 
 
 def engine_plan(config: NemotronHConfig, args, max_model_len: int, device: torch.device, *, dtype: torch.dtype,
-                quant_config=None, model: nn.Module | None = None, native_cpu_kernels: bool = True) -> MemoryPlan:
+                quant_config=None, model: nn.Module | None = None, native_cpu_kernels: bool = True,
+                measured=None, memory: tuple[int, int] | None = None) -> MemoryPlan:
     """The plan of an engine with `args` (EngineArgs) on `device`, with its cache budget: cache_memory_gb when
     given; on a GPU, gpu_memory_utilization of the device's total less weights, copies and transients (once
     the weights are loaded, also less what else holds GPU memory); on a CPU, cpu_memory_utilization of the
     available memory (less the weights when `model` is None: they are not loaded yet) less copies and
-    transients. `model`: the loaded model, counted as it is."""
+    transients. `model`: the loaded model, counted as it is. `measured`: the start-up profiling step's
+    StepProfile, whose peak replaces the estimated transients; `memory`: (total, available) as read before it."""
     from nemoh.engine.kv_cache import kv_cache_dtype
 
-    total, available = device_memory(device)
+    total, available = memory or device_memory(device)
     k = args.speculative_config.num_speculative_tokens if args.speculative_config else 0
     cuda = device.type == "cuda"
     ssm = getattr(torch, args.mamba_ssm_cache_dtype or config.mamba_ssm_cache_dtype)
@@ -487,10 +507,14 @@ def engine_plan(config: NemotronHConfig, args, max_model_len: int, device: torch
                      max_num_batched_tokens=args.max_num_batched_tokens, num_speculative_tokens=k,
                      device_type=device.type, utilization=args.gpu_memory_utilization if cuda else 1.0,
                      native_cpu_kernels=native_cpu_kernels, cpu_packed_weights=args.cpu_packed_weights, model=model)
+    if measured is not None:
+        plan.measured_transient, plan.measured_by = measured.peak_bytes, measured.method
     if args.cache_memory_gb is not None:
         plan.cache_budget = int(args.cache_memory_gb * GiB)
     elif cuda:
-        plan.cache_budget = None if model is None else plan.cache_bytes - (total - available) + plan.resident_bytes
+        # what the device holds now includes the loaded weights, not the rest of `resident` (allocated later)
+        plan.cache_budget = None if model is None else (plan.cache_bytes - (total - available)
+                                                        + plan.resident["weights"])
     else:
         copies = plan.resident_bytes - plan.resident["weights"]
         unloaded = plan.resident["weights"] if model is None else 0

@@ -19,7 +19,8 @@ import torch
 from nemoh.engine.captured_step import CapturedSteps
 from nemoh.engine.config import EngineArgs
 from nemoh.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block, kv_cache_dtype
-from nemoh.engine.memory_plan import engine_plan
+from nemoh.engine.memory_plan import device_memory, engine_plan
+from nemoh.engine.memory_profile import captured_step_bytes, profile_steps
 from nemoh.engine.scheduler import ScheduledSeq
 from nemoh.engine.sequence import Sequence
 from nemoh.engine.state_cache import allocate_mamba_caches, state_bytes_per_slot
@@ -60,6 +61,23 @@ class CapturedResult(SeqResult):
         return self._output.logits
 
 
+def combine_shared_weights(model: torch.nn.Module) -> None:
+    """Stack each MoE layer's dense expert weights and join each attention layer's q / k / v weights now, as the
+    eager forward and the captured steps otherwise do on first use (the parameters become views of the combined
+    tensors: no extra copy). Done later, after the CPU panel copies of the separate weights were made, it made
+    them anew and left the old ones and the separate weights as freed, fragmented allocator memory (7.6 MiB on
+    the demo model, its three MoE layers' experts); on a GPU, stacking happens before the caches take the memory."""
+    from nemoh.models.attention import Attention
+    from nemoh.models.linear import Linear
+    from nemoh.models.moe import LatentMoE
+
+    for m in model.modules():
+        if isinstance(m, LatentMoE) and m._projections()[2]:
+            m._stacked_weights()
+        elif isinstance(m, Attention) and all(type(p) is Linear for p in (m.q_proj, m.k_proj, m.v_proj)):
+            m._qkv_weight.get([p.weight for p in (m.q_proj, m.k_proj, m.v_proj)])
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, args: EngineArgs, max_model_len: int):
         self.model = model
@@ -76,6 +94,9 @@ class ModelRunner:
         self.conv_dtype = model.dtype
         self.ssm_dtype = getattr(torch, args.mamba_ssm_cache_dtype or cfg.mamba_ssm_cache_dtype)
         set_packing(model, args.cpu_packed_weights)
+        combine_shared_weights(model)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()        # the stacking's transient, before free memory is read
         # the packed copies are made on first use, after the caches take their share of the free memory
         self.packed_bytes = packed_bytes_estimate(model) if self.device.type == "cpu" else 0
         self.num_kv_blocks, self.num_state_slots, self.num_snapshot_slots = self._size_caches(max_model_len, k)
@@ -88,6 +109,18 @@ class ModelRunner:
         self.mamba_caches = allocate_mamba_caches(
             self.mamba_layer_ids, self.num_state_slots + 1 + self.num_snapshot_slots, cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads,
             cfg.mamba_head_dim, cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype, self.device)
+        # a verification's per-position Mamba states, kept for the roll-back to the last accepted token: one set of
+        # buffers for up to max_num_seqs sequences x (1 + k) positions, written by the captured and the eager
+        # verifications alike (the memory plan's "MTP verify states")
+        self.verify_states = None
+        if k:
+            rows = min(args.max_num_seqs, self.num_state_slots)
+            self.verify_states = {i: (c.new_zeros(rows, 1 + k, *c.shape[1:]), s.new_zeros(rows, 1 + k, *s.shape[1:]))
+                                  for i, (c, s) in self.mamba_caches.items()}
+            name = next(n for n in self.plan.resident if n.startswith("MTP verify states"))
+            del self.plan.resident[name]
+            self.plan.resident[f"MTP verify states ({rows} seqs x {1 + k} positions)"] = sum(
+                t.numel() * t.element_size() for pair in self.verify_states.values() for t in pair)
         self.kv_scales: dict[int, tuple[float, float]] = {}
         if args.kv_cache_dtype == "fp8":
             scales = getattr(model, "kv_scales", None) or {}
@@ -104,7 +137,15 @@ class ModelRunner:
             self.num_kv_blocks * self.block_size, self.kv_dtype, len(self.kv_layer_ids), self.num_state_slots,
             self.ssm_dtype, self.num_snapshot_slots, self.cache_bytes / GiB)
         # decode and verification steps replayed without per-operator overhead (None: every step is eager)
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.captured = CapturedSteps.create(model, self, args, max_model_len)
+        if self.captured is not None:
+            # their buffers stay allocated: resident, made after the caches were sized (on CUDA out of what
+            # gpu_memory_utilization leaves over; a CUDA graph's pool is only seen by the allocator)
+            held = (torch.cuda.memory_allocated(self.device) - before if self.device.type == "cuda"
+                    else captured_step_bytes(self.captured, self))
+            self.plan.resident["captured step buffers"] = held
+            logger.info("nemoh memory plan: captured step buffers %.3f GiB", held / GiB)
 
     # ---- sizing ---------------------------------------------------------------------------------------
     def _size_caches(self, max_model_len: int, k: int) -> tuple[int, int, int]:
@@ -115,9 +156,21 @@ class ModelRunner:
             len(self.mamba_layer_ids), cfg.mamba_conv_dim, cfg.conv_kernel, cfg.mamba_num_heads, cfg.mamba_head_dim,
             cfg.ssm_state_size, self.conv_dtype, self.ssm_dtype)
         quant_config = getattr(self.model, "quant_config", None)
-        self.plan = engine_plan(cfg, args, max_model_len, self.device, dtype=self.model.dtype,
-                                quant_config=quant_config, model=self.model,
-                                native_cpu_kernels=cpu_library.library() is not None)
+        plan = lambda **kw: engine_plan(cfg, args, max_model_len, self.device, dtype=self.model.dtype,  # noqa
+                                        quant_config=quant_config, model=self.model,
+                                        native_cpu_kernels=cpu_library.library() is not None, **kw)
+        self.plan = plan()
+        self.profile = None
+        profile = args.profile_memory
+        if profile is None:
+            # (not under tensor parallelism: the workers would have to run the same profiling step)
+            profile = (args.cache_memory_gb is None and args.num_kv_blocks is None
+                       and args.tensor_parallel_size == 1)
+        if profile and args.tensor_parallel_size == 1:
+            # what the device holds before the profiling step: its freed activations must not count twice
+            memory = device_memory(self.device)
+            self.profile = profile_steps(self, k)
+            self.plan = plan(measured=self.profile, memory=memory)
         snapshots = self.plan.prefix_snapshots
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks, self.plan.cache_sizes(args.num_state_slots)[1], snapshots
@@ -144,7 +197,7 @@ class ModelRunner:
 
     # ---- contexts ---------------------------------------------------------------------------------------
     def make_context(self, seqs: list[Sequence], starts: list[int], lens: list[int],
-                     save_intermediate_states: bool = False) -> ForwardContext:
+                     save_intermediate_states: bool = False, verify_row_offset: int = 0) -> ForwardContext:
         """A context for sequence i feeding `lens[i]` tokens at positions starts[i] ... starts[i] + lens[i] - 1."""
         bs = self.block_size
         slots: list[int] = []
@@ -164,6 +217,8 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             mamba_caches=self.mamba_caches,
             save_intermediate_states=save_intermediate_states,
+            verify_states=self.verify_states if save_intermediate_states else None,
+            verify_row_offset=verify_row_offset,
             kv_scales=self.kv_scales,
             reference_attention=self.args.enforce_eager,
         )
@@ -183,6 +238,7 @@ class ModelRunner:
         intermediate Mamba states saved, so prefill chunks never pay for per-position states."""
         results: dict[int, SeqResult] = {}
         rest = scheduled
+        captured_verifications = 0         # their states fill the first rows of verify_states
         if self.captured is not None:
             by_q: dict[int, list[ScheduledSeq]] = {}
             rest = []
@@ -193,6 +249,7 @@ class ModelRunner:
                 else:
                     rest.append(s)
             for q, group in by_q.items():
+                captured_verifications += len(group) if q > 1 else 0
                 for s, o in zip(group, self.captured.run_main(group, q)):
                     results[s.seq.seq_id] = CapturedResult(s, s.seq.num_computed_tokens, o, self.keeps_all_hidden)
             if not rest:
@@ -202,15 +259,15 @@ class ModelRunner:
             plain = [s for s in rest if not s.num_draft_tokens]
             for group, save in ((plain, False), (verify, True)):
                 if group:
-                    for r in self._forward(group, save):
+                    for r in self._forward(group, save, captured_verifications):
                         results[r.scheduled.seq.seq_id] = r
         return [results[s.seq.seq_id] for s in scheduled]
 
-    def _forward(self, group: list[ScheduledSeq], save: bool) -> list[SeqResult]:
+    def _forward(self, group: list[ScheduledSeq], save: bool, verify_row_offset: int = 0) -> list[SeqResult]:
         seqs = [s.seq for s in group]
         starts = [s.num_computed_tokens for s in seqs]
         lens = [s.num_new_tokens for s in group]
-        ctx = self.make_context(seqs, starts, lens, save)
+        ctx = self.make_context(seqs, starts, lens, save, verify_row_offset)
         tokens = [t for s in group for t in self.input_tokens(s)]
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         # logits only for the rows that are sampled: the last row, or all 1 + k rows of a verification

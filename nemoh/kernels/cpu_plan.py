@@ -241,10 +241,14 @@ class StackPlan:
         conv_cache, ssm_cache = self.caches.mamba[m.layer_idx]
         saved_conv = saved_ssm = None
         if self.save_states:
-            saved_conv = self.entries.hold(torch.zeros(self.max_seqs, self.q, *conv_cache.shape[1:],
-                                                       dtype=conv_cache.dtype))
-            saved_ssm = self.entries.hold(torch.zeros(self.max_seqs, self.q, *ssm_cache.shape[1:],
-                                                      dtype=ssm_cache.dtype))
+            shared = (self.caches.verify_states or {}).get(m.layer_idx)
+            if shared is not None and shared[0].shape[:2] == (self.max_seqs, self.q):
+                saved_conv, saved_ssm = shared           # (max_seqs, q, ...) row-major, as the kernel writes them
+            else:
+                saved_conv = self.entries.hold(torch.zeros(self.max_seqs, self.q, *conv_cache.shape[1:],
+                                                           dtype=conv_cache.dtype))
+                saved_ssm = self.entries.hold(torch.zeros(self.max_seqs, self.q, *ssm_cache.shape[1:],
+                                                          dtype=ssm_cache.dtype))
             self.saved[m.layer_idx] = (saved_conv, saved_ssm)
         w = self._f32(m.conv1d.weight.reshape(m.conv_dim, m.conv_kernel))
         bias = self._f32(m.conv1d.bias)
@@ -333,7 +337,10 @@ class StackPlan:
 
 
 class PlanCaches:
-    """The engine's cache tensors as a plan sees them: {layer: (k, v)}, {layer: (conv, ssm)}, FP8 KV scales."""
+    """The engine's cache tensors as a plan sees them: {layer: (k, v)}, {layer: (conv, ssm)}, FP8 KV scales, and
+    the buffers of a verification's per-position Mamba states, {layer: (conv (rows, q, ...), ssm (rows, q, ...))}
+    (the engine's one set, shared with its eager verifications; None: each verifying plan makes its own)."""
 
-    def __init__(self, kv: dict, mamba: dict, kv_scales: dict | None = None):
+    def __init__(self, kv: dict, mamba: dict, kv_scales: dict | None = None, verify_states: dict | None = None):
         self.kv, self.mamba, self.kv_scales = kv, mamba, kv_scales or {}
+        self.verify_states = verify_states

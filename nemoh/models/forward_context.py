@@ -45,6 +45,11 @@ class ForwardContext:
     # conv (q_len_i, conv_dim, conv_kernel - 1) and ssm (q_len_i, num_heads, head_dim, state_size).
     save_intermediate_states: bool = False
     intermediate_states: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # Where those states are kept: the engine's buffers {layer_idx: (conv (rows, 1 + k, conv_dim, conv_kernel - 1),
+    # ssm (rows, 1 + k, H, P, N))}, sequence i in row verify_row_offset + i (the rows before are a captured
+    # verification's of the same step); None, or too few rows: tensors of their own
+    verify_states: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    verify_row_offset: int = 0
     # Optional KV scales for an FP8 KV cache, by layer index: (k_scale, v_scale) floats.
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
     # True: attention takes the plain reference path (each sequence's keys gathered whole, SDPA with a

@@ -170,13 +170,26 @@ class Mamba2Mixer(nn.Module):
         out, states = ssd_steps(ssm_cache[slots], x, dt[rows].view(b, q, -1), A, B, C)           # 4.
         y[rows] = (out + self.D.float()[:, None] * x.float()).reshape(b * q, self.num_heads, self.head_dim)
         # conv state after position j = the k-1 inputs ending at j
-        conv_states = padded.unfold(2, k1, 1)[:, :, 1:].transpose(1, 2).to(conv_cache.dtype)    # (b, q, c, k-1)
-        states = states.to(ssm_cache.dtype)
+        conv_states = padded.unfold(2, k1, 1)[:, :, 1:].transpose(1, 2)                          # (b, q, c, k-1)
         saved = ctx.intermediate_states.setdefault(self.layer_idx, {})
-        for j, i in enumerate(seqs):
-            saved[i] = (conv_states[j], states[j])
-        conv_cache[slots] = conv_states[:, -1]
-        ssm_cache[slots] = states[:, -1]
+        buffers = (ctx.verify_states or {}).get(self.layer_idx)
+        first, last = ctx.verify_row_offset + seqs[0], ctx.verify_row_offset + seqs[-1]
+        if buffers is not None and last < buffers[0].shape[0] and q <= buffers[0].shape[1]:
+            # into the engine's preallocated buffers: what every layer keeps for the roll-back is bounded by
+            # their size (the memory plan's "MTP verify states"), not allocated anew each verification
+            conv_buf, ssm_buf = buffers
+            rows_in = slice(first, last + 1) if last - first + 1 == b else torch.tensor(
+                [ctx.verify_row_offset + i for i in seqs], device=conv_buf.device)
+            conv_buf[rows_in, :q] = conv_states
+            ssm_buf[rows_in, :q] = states
+            for i in seqs:
+                saved[i] = (conv_buf[ctx.verify_row_offset + i, :q], ssm_buf[ctx.verify_row_offset + i, :q])
+        else:
+            conv_states, states = conv_states.to(conv_cache.dtype), states.to(ssm_cache.dtype)
+            for j, i in enumerate(seqs):
+                saved[i] = (conv_states[j], states[j])
+        conv_cache[slots] = conv_states[:, -1].to(conv_cache.dtype)
+        ssm_cache[slots] = states[:, -1].to(ssm_cache.dtype)
 
     def _run_sequence(self, i, s, e, xbc, dt, A, ctx, conv_cache, ssm_cache, y) -> None:
         slot = ctx.state_slots[i]

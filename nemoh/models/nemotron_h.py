@@ -33,10 +33,20 @@ class Block(nn.Module):
         self.mixer = make_mixer(self.layer_type, config, layer_idx)
 
 
+def make_embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """`nn.Embedding`, without its `normal_` initialisation when it is built on the meta device (the loader's
+    and the memory plan's models): there torch runs that init through its Python references, whose first use
+    imports torch._dynamo, sympy and triton, about 150 MiB of resident memory that nothing else needs."""
+    weight = torch.empty(num_embeddings, embedding_dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=weight)
+
+
 class Backbone(nn.Module):
     def __init__(self, config: NemotronHConfig):
         super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embeddings = make_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 

@@ -34,10 +34,14 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 # (non-zero) amax does not get a zero scale (as ModelOpt does).
 _FP8_MIN_SUBNORMAL = 2.0**-9
 
-_E2M1_TABLE = torch.tensor(list(E2M1_MAGNITUDES) + [-m for m in E2M1_MAGNITUDES], dtype=torch.float32)
+# On the CPU explicitly: this module is first imported while the loader builds the model under
+# `torch.device("meta")`, which would make meta tensors of these tables (and import torch._dynamo to do it).
+_E2M1_TABLE = torch.tensor(list(E2M1_MAGNITUDES) + [-m for m in E2M1_MAGNITUDES], dtype=torch.float32,
+                           device="cpu")
 # Byte -> (value of low nibble, value of high nibble): one gather decodes two weights.
 _BYTE_TABLE = torch.stack(
-    [_E2M1_TABLE[torch.arange(256) & 0x0F], _E2M1_TABLE[torch.arange(256) >> 4]], dim=-1
+    [_E2M1_TABLE[torch.arange(256, device="cpu") & 0x0F], _E2M1_TABLE[torch.arange(256, device="cpu") >> 4]],
+    dim=-1,
 )  # (256, 2) float32
 _DEQUANT_CHUNK_ELEMENTS = 1 << 20
 _tables_on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -40,8 +40,9 @@ def test_super_parameter_count_and_per_token_figures(super_nvfp4):
     assert plan.kv_bytes_per_token == 9 * 2 * 2 * 128
     # 40 Mamba layers x (conv (8192 + 2 * 8 * 128) x 3 bf16 + ssm 128 x 64 x 128 fp32)
     assert plan.mamba_bytes_per_seq == 40 * ((8192 + 2048) * 3 * 2 + 128 * 64 * 128 * 4)
-    verify = next(v for name, v in plan.transient.items() if name.startswith("MTP verify states"))
-    assert verify >= 32 * 4 * plan.mamba_bytes_per_seq                     # the 20 GiB the issue counted
+    # the 20 GiB the issue counted: (1 + k) states per sequence in every Mamba layer, in buffers allocated once
+    verify = next(v for name, v in plan.resident.items() if name.startswith("MTP verify states"))
+    assert verify == 32 * 4 * plan.mamba_bytes_per_seq
     assert plan.transient["expert stacking (first use)"] == 512 * 2688 * 1024 * 2     # MTP's bf16 experts
     assert plan.fit(1 << 20) >= 1 and plan.fit(8192) == 32
     tp2 = make_plan(cfg, device_bytes=int(74.5 * GiB), quant_config=qcfg, kv_cache_dtype=torch.float8_e4m3fn,
@@ -103,8 +104,21 @@ def test_mtp_32_sequences_never_exceed_the_plan(ckpt):
               speculative_config={"method": "mtp", "num_speculative_tokens": 3},
               enforce_eager=True)
     engine = llm.engine
-    plan = engine.runner.plan
-    assert engine.runner.num_state_slots == 32
+    runner = engine.runner
+    plan = runner.plan
+    assert runner.num_state_slots == 32
+    # the per-position states of a verification live in buffers allocated once, for 32 x (1 + 3) positions,
+    # exactly as many bytes as the plan counts; every roll-back reads them from there
+    held = {t.untyped_storage().data_ptr(): t for pair in runner.verify_states.values() for t in pair}
+    counted = next(v for name, v in plan.resident.items() if name.startswith("MTP verify states"))
+    assert counted == sum(t.untyped_storage().nbytes() for t in held.values()) == 32 * 4 * plan.mamba_bytes_per_seq
+    rollbacks = []
+
+    def rollback(seq, intermediate, position, original=runner.rollback_mamba_state):
+        rollbacks.append(all(t.untyped_storage().data_ptr() in held for pair in intermediate.values() for t in pair))
+        original(seq, intermediate, position)
+
+    runner.rollback_mamba_state = rollback
     prompts = [[(7 * i + j) % 4000 + 20 for j in range(24 + i)] for i in range(36)]
     assert engine.runner.num_kv_blocks * engine.args.block_size < sum(len(p) + 12 for p in prompts)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -125,3 +139,44 @@ def test_mtp_32_sequences_never_exceed_the_plan(ckpt):
     assert done == {str(i) for i in range(36)}
     assert engine.spec_stats.num_drafted > 0 and most_running >= 8
     assert 0 < peak <= plan.transient_bytes, (peak, plan.transient)
+    assert rollbacks and all(rollbacks)
+
+
+def test_startup_profile_measures_the_largest_step(ckpt):
+    """profile_memory: a dummy prefill chunk and a verification of max_num_seqs x (1 + k) rows run at start-up;
+    their measured peak replaces the estimate the caches are sized around, and the banner and stats() show both."""
+    from nemoh import LLM
+
+    llm = LLM(ckpt[0], dtype="float32", max_model_len=512, max_num_seqs=32, max_num_batched_tokens=256,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 3}, profile_memory=True,
+              enforce_eager=True)
+    runner = llm.engine.runner
+    profile, plan = runner.profile, runner.plan
+    assert profile.shapes == ["2 prefill chunks of 256 tokens + MTP drafts", "verification of 32 x 4 rows"]
+    assert plan.measured_transient == profile.peak_bytes == plan.transient_bytes >= 0
+    assert plan.estimated_transient_bytes == sum(plan.transient.values()) > 0
+    assert any("measured by the start-up profiling step" in line for line in plan.summary_lines())
+    stats = llm.engine.stats()
+    assert stats["memory_plan_transient_measured_bytes"] == profile.peak_bytes
+    assert stats["memory_plan_transient_estimated_bytes"] == plan.estimated_transient_bytes
+    # the dummy steps leave nothing behind: the engine still generates, and its caches start empty
+    from nemoh.sampling_params import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": list(range(20, 60))}], SamplingParams(temperature=0, max_tokens=8))
+    assert len(out[0].outputs[0].token_ids) == 8
+    # without cache_memory_gb / num_kv_blocks the engine profiles by default; with them it does not
+    assert runner.args.profile_memory is True
+    plain = LLM(ckpt[0], dtype="float32", max_model_len=256, cache_memory_gb=0.01, enforce_eager=True)
+    assert plain.engine.runner.profile is None and plain.engine.runner.plan.measured_transient is None
+
+
+def test_profile_sees_resident_memory_the_tensors_do_not_show():
+    """On a CPU the profiling step reads the resident-set high-water mark after resetting it."""
+    from nemoh.engine import memory_profile as mp
+
+    if mp._status_bytes("VmHWM") is None or not mp._reset_rss_peak():
+        pytest.skip("no /proc/self/clear_refs")
+    base = mp._status_bytes("VmRSS")
+    block = torch.ones(64 * 2 ** 20, dtype=torch.uint8)
+    del block
+    assert mp._status_bytes("VmHWM") - base >= 60 * 2 ** 20
