@@ -24,6 +24,8 @@ def status(key):
 # interpreter's, not the weights': done before the baseline
 with torch.device("meta"):
     nemoh.models.nemotron_h.NemotronHForCausalLM(nemoh.config.NemotronHConfig.from_pretrained(sys.argv[1]))
+# (the single-rank build no longer imports it; the sharded load still does, ~150 MB of modules, not weights)
+import torch._dynamo  # noqa: E402
 before = status("VmRSS")
 model = nemoh.loader.load_model(sys.argv[1], dtype="float32", layout=ParallelLayout(int(sys.argv[2]), int(sys.argv[3])))
 print(json.dumps({"added": status("VmHWM") - before, "weights": sum(t.numel() * t.element_size() for t in model.state_dict().values())}))
